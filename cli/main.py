@@ -1,0 +1,33 @@
+"""The `qwen2-mlx` command: a thin click layer over the Python API."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from qwen2_mlx.cli.generate_command import generate_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwen2-mlx")
+def cli() -> None:
+    """Run and tune Qwen2 models on Apple Silicon with MLX.
+
+    \b
+    Examples:
+      qwen2-mlx generate --prompt "Write a haiku about the sea"
+      qwen2-mlx generate --model ./my-qwen2 --prompt - < question.txt
+      qwen2-mlx generate --help
+    """
+
+
+cli.add_command(generate_command)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    cli(prog_name="qwen2-mlx")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""qwen2-mlx: Qwen2 language models on Apple Silicon with MLX.
+
+    >>> from qwen2_mlx import load, generate
+    >>> model, tokenizer = load("Qwen/Qwen2-0.5B-Instruct")
+    >>> generate(model, tokenizer, [{"role": "user", "content": "Hi"}], max_tokens=32)
+"""
+
+from qwen2_mlx.cache import KVCache, load_cache, save_cache
+from qwen2_mlx.generate import GenerationResponse, generate, stream_generate
+from qwen2_mlx.loader import load
+from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.sampling import SamplingParams
+
+__all__ = [
+    "GenerationResponse",
+    "KVCache",
+    "Model",
+    "ModelConfig",
+    "SamplingParams",
+    "generate",
+    "load",
+    "load_cache",
+    "save_cache",
+    "stream_generate",
+]

@@ -1,0 +1,270 @@
+"""The Qwen2 decoder in MLX: config, attention, MLP, block, model.
+
+Shapes follow the architecture diagram: tokens (B, L) -> embeddings (B, L, D) -> N pre-norm
+blocks -> final RMSNorm -> logits (B, L, V). Attention works in (B, heads, L, head_dim).
+Weight names match the Hugging Face checkpoints verbatim so weights load without renaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen2_mlx.cache import KVCache
+from qwen2_mlx.metal_kernels.attention import scaled_dot_product_attention
+from qwen2_mlx.rope import RoPE
+
+SUPPORTED_MODEL_TYPES = ("qwen2",)
+
+
+@dataclass
+class ModelConfig:
+    """The fields of a Hugging Face Qwen2 `config.json` that change the computation."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    model_type: str = "qwen2"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    layer_types: list[str] = field(default_factory=list)
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}: qwen2-mlx runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "vocab_size")
+        for name in sizes:
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"config {name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must divide "
+                f"hidden_size ({self.hidden_size})"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.use_sliding_window and not self.sliding_window:
+            raise ValueError("use_sliding_window is true but sliding_window is not set")
+        if not self.layer_types:
+            # transformers' Qwen2Config: layer i slides iff sliding on and i >= max_window_layers.
+            self.layer_types = [
+                "sliding_attention"
+                if self.use_sliding_window and i >= self.max_window_layers
+                else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for "
+                f"{self.num_hidden_layers} layers"
+            )
+        unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"unknown layer_types {sorted(unknown)}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention but sliding_window is not set")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence (prompt + generated) the model is configured for."""
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ModelConfig:
+        """Read a Hugging Face config dict, in transformers 4.x or 5.x spelling.
+
+        4.x writes top-level `rope_theta`/`rope_scaling`; 5.x nests both in `rope_parameters`.
+        """
+        config = dict(config)
+        model_type = config.get("model_type")
+        if model_type is None:
+            raise ValueError("config.json has no model_type")
+        rope_parameters = dict(config.get("rope_parameters") or {})
+        if "rope_theta" not in config and "rope_theta" in rope_parameters:
+            config["rope_theta"] = rope_parameters["rope_theta"]
+        if config.get("rope_scaling") is None and rope_parameters:
+            scaling = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            config["rope_scaling"] = None if kind == "default" else scaling
+        if config.get("num_key_value_heads") is None:
+            config["num_key_value_heads"] = config.get("num_attention_heads")
+        if not config.get("use_sliding_window", False):
+            config["sliding_window"] = None
+        if config.get("layer_types") is None:
+            config.pop("layer_types", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.name not in config
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: q/k/v with bias, o without; RoPE on q and k."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = (
+            config.sliding_window
+            if config.layer_types[layer_idx] == "sliding_attention"
+            else None
+        )
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.rope = RoPE(
+            self.head_dim,
+            theta=config.rope_theta,
+            scaling=config.rope_scaling,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+
+        mask = attention_mask(L, k.shape[2], self.sliding_window)
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attention_mask(
+    n_queries: int, n_keys: int, sliding_window: int | None
+) -> mx.array | str | None:
+    """Mask for the last `n_queries` positions of a sequence of `n_keys`.
+
+    Queries sit at the end (bottom-right aligned), as in chunked prefill against a cache.
+    With a sliding window, query i sees keys j with i - window < j <= i, as transformers'
+    `sliding_window_causal_mask_function` does.
+    """
+    if sliding_window is None or n_keys <= sliding_window:
+        return "causal" if n_queries > 1 else None
+    q_pos = mx.arange(n_keys - n_queries, n_keys)[:, None]
+    k_pos = mx.arange(n_keys)[None, :]
+    return (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Model(nn.Module):
+    """Embedding, decoder layers and final norm (the `model.*` weights)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.embed_tokens(input_ids)
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, caches, strict=True):
+            h = layer(h, layer_cache)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Qwen2 causal language model: `model(input_ids (B, L), cache) -> logits (B, L, vocab)`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}")
+        h = self.model(input_ids, cache)
+        if self.config.tie_word_embeddings:
+            # as_linear also works for a quantized embedding.
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        """One growing KV cache per layer."""
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop tensors Hugging Face checkpoints carry that the model does not use."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights

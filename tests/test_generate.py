@@ -1,0 +1,160 @@
+"""The generation loop: streaming text, stop conditions, logprobs, limits and errors."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qwen2_mlx import generate, load, load_cache, save_cache, stream_generate
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return load(tiny_checkpoint)
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    """Greedy tokens by full forward passes, no cache: an independent path."""
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(np.array(model(mx.array([seq])))[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_stream_text_is_the_decoded_tokens(loaded):
+    model, tokenizer = loaded
+    responses = list(stream_generate(model, tokenizer, "the quick brown fox", max_tokens=24))
+    tokens = [r.token for r in responses]
+    ids = tokenizer.encode("the quick brown fox")
+    assert tokens == greedy_reference(model, ids, len(tokens))[: len(tokens)]
+    text = "".join(r.text for r in responses)
+    emitted = [t for t in tokens if t not in tokenizer.eos_token_ids]
+    assert text == tokenizer.decode(emitted)
+    assert responses[-1].finish_reason in ("stop", "length")
+    assert all(r.finish_reason is None for r in responses[:-1])
+    assert responses[-1].generation_tokens == len(tokens)
+    assert responses[-1].prompt_tokens == len(ids)
+
+
+def test_logprobs_are_log_softmax_of_the_logits(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode("hello")
+    first = next(iter(stream_generate(model, tokenizer, ids, max_tokens=1)))
+    logits = np.array(model(mx.array([ids])))[0, -1].astype(np.float64)
+    logsumexp = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+    assert first.logprob == pytest.approx(logits[first.token] - logsumexp, abs=1e-4)
+
+
+def test_prompt_forms_agree(loaded):
+    model, tokenizer = loaded
+    messages = [{"role": "user", "content": "hi there"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    out_messages = generate(model, tokenizer, messages, max_tokens=6)
+    assert out_messages == generate(model, tokenizer, ids, max_tokens=6)
+    assert out_messages == generate(model, tokenizer, text, max_tokens=6)
+
+
+def test_max_tokens_finishes_with_length(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode("abc")
+    eos = set(tokenizer.eos_token_ids)
+    tokens = greedy_reference(model, ids, 5)
+    assert not eos & set(tokens)
+    responses = list(stream_generate(model, tokenizer, ids, max_tokens=5))
+    assert len(responses) == 5 and responses[-1].finish_reason == "length"
+
+
+def test_eos_stops_and_is_not_printed(loaded, monkeypatch):
+    model, tokenizer = loaded
+    ids = tokenizer.encode("abc")
+    tokens = greedy_reference(model, ids, 6)
+    monkeypatch.setattr(tokenizer, "eos_token_ids", [tokens[3]])
+    responses = list(stream_generate(model, tokenizer, ids, max_tokens=20))
+    assert [r.token for r in responses] == tokens[: tokens.index(tokens[3]) + 1]
+    assert responses[-1].finish_reason == "stop"
+    emitted = tokens[: tokens.index(tokens[3])]
+    assert "".join(r.text for r in responses) == tokenizer.decode(emitted)
+
+
+def test_stop_string_truncates_even_across_tokens(loaded):
+    model, tokenizer = loaded
+    full = generate(model, tokenizer, "once upon", max_tokens=30)
+    assert len(full) > 8
+    stop = full[5:9]  # four characters from the middle, likely spanning tokens
+    out = list(stream_generate(model, tokenizer, "once upon", max_tokens=30, stop=[stop]))
+    text = "".join(r.text for r in out)
+    assert text == full[: full.index(stop)]
+    assert out[-1].finish_reason == "stop"
+
+
+def test_sampling_is_reproducible_with_seed(loaded):
+    model, tokenizer = loaded
+    kwargs = dict(max_tokens=12, temperature=1.0, top_p=0.95, seed=123)
+    a = [r.token for r in stream_generate(model, tokenizer, "x", **kwargs)]
+    b = [r.token for r in stream_generate(model, tokenizer, "x", **kwargs)]
+    c = [r.token for r in stream_generate(model, tokenizer, "x", **{**kwargs, "seed": 7})]
+    assert a == b and a != c
+
+
+def test_prompt_longer_than_context(checkpoint_factory):
+    model, tokenizer = load(checkpoint_factory(max_position_embeddings=32))
+    with pytest.raises(ValueError, match="40 tokens but the model's context is 32"):
+        next(stream_generate(model, tokenizer, list(range(40))))
+    # A prompt that fits stops at the context end instead of running past it.
+    responses = list(stream_generate(model, tokenizer, list(range(30)), max_tokens=50))
+    assert len(responses) <= 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(prefill_step_size=0), "prefill_step_size"),
+        (dict(stop=[""]), "stop strings"),
+    ],
+)
+def test_invalid_generation_arguments(loaded, kwargs, message):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError, match=message):
+        list(stream_generate(model, tokenizer, "hi", **kwargs))
+
+
+def test_bad_prompt_type(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(TypeError, match="prompt must be"):
+        list(stream_generate(model, tokenizer, [1.5, 2.5]))
+
+
+def test_saved_cache_resumes_generation(loaded, tmp_path):
+    """A prompt cache saved to disk and loaded back continues exactly."""
+    model, tokenizer = loaded
+    ids = tokenizer.encode("a long shared prefix for many questions")
+    cache = model.make_cache()
+    model(mx.array([ids[:-1]]), cache=cache)
+    save_cache(tmp_path / "prefix.safetensors", cache, {"model": "tiny"})
+    restored, meta = load_cache(tmp_path / "prefix.safetensors")
+    assert meta["model"] == "tiny" and restored[0].offset == len(ids) - 1
+    resumed = [r.token for r in stream_generate(model, tokenizer, ids[-1:], max_tokens=8,
+                                                cache=restored)]
+    fresh = [r.token for r in stream_generate(model, tokenizer, ids, max_tokens=8)]
+    assert resumed == fresh
+
+
+def test_cache_trim_rewinds(loaded):
+    model, tokenizer = loaded
+    ids = mx.array([tokenizer.encode("rewind this cache please")])
+    cache = model.make_cache()
+    model(ids, cache=cache)
+    for c in cache:
+        assert c.trim(2) == 2
+    again = np.array(model(ids[:, -2:], cache=cache))
+    full = np.array(model(ids))
+    np.testing.assert_allclose(again[:, -1], full[:, -1], atol=1e-4)
