@@ -35,11 +35,22 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
               help="Cast weights to this dtype (default: as stored).")
 @click.option("--prefill-step-size", default=512, show_default=True, type=click.IntRange(min=1),
               help="Prompt tokens per prefill step.")
+@click.option("--dca", is_flag=True,
+              help="Dual Chunk Attention for prompts past the training length.")
+@click.option("--chunk-size", type=click.IntRange(min=2), default=None,
+              help="DCA chunk size (default: the training length).")
+@click.option("--local-size", type=click.IntRange(min=1), default=None,
+              help="DCA local window (default: chunk size / 16).")
+@click.option("--yarn-factor", type=float, default=None,
+              help="Static YaRN RoPE scaling by this factor (e.g. 4 for 32K -> 128K).")
+@click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
+              help="Store the KV cache quantized (8 bits halves its memory).")
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, dtype,
-                     prefill_step_size, verbose) -> None:
+                     prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
+                     verbose) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     \b
@@ -48,6 +59,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m Qwen/Qwen2-1.5B-Instruct -p "Hi" --temp 0.7 --top-p 0.8
       echo "Summarise: ..." | qwen2-mlx generate -m ./qwen2-0.5b --prompt - --verbose
       qwen2-mlx generate -m ./base-model --no-chat -p "Once upon a time" --max-tokens 64
+      qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --dca --kv-bits 8 --prompt - < book.txt
+      qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --yarn-factor 4 --prompt - < long.txt
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
@@ -56,6 +69,9 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
         prompt = sys.stdin.read()
     try:
         mlx_model, tokenizer = load(model, dtype=dtype)
+        if dca or yarn_factor is not None or chunk_size or local_size:
+            mlx_model.set_long_context(dca=dca, chunk_size=chunk_size, local_size=local_size,
+                                       yarn_factor=yarn_factor)
     except (OSError, ValueError, NotImplementedError) as e:
         raise click.ClickException(str(e)) from e
 
@@ -73,7 +89,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
         for last in stream_generate(
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
             stop=list(stop), prefill_step_size=prefill_step_size,
-            repetition_context_size=repetition_context_size, **sampling,
+            repetition_context_size=repetition_context_size,
+            kv_bits=int(kv_bits) if kv_bits else None, **sampling,
         ):
             click.echo(last.text, nl=False)
     except ValueError as e:

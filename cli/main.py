@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from qwen2_mlx.cli.convert_command import convert_command
 from qwen2_mlx.cli.generate_command import generate_command
 
 
@@ -23,6 +24,7 @@ def cli() -> None:
 
 
 cli.add_command(generate_command)
+cli.add_command(convert_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -136,6 +136,7 @@ def stream_generate(
     stop: Sequence[str] | str | None = None,
     prefill_step_size: int = 512,
     cache: list[KVCache] | None = None,
+    kv_bits: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -148,6 +149,7 @@ def stream_generate(
         stop: strings that end generation; the stop string itself is not returned.
         prefill_step_size: prompt tokens processed per forward pass.
         cache: per-layer caches to continue from (e.g. a saved prompt cache).
+        kv_bits: store a new KV cache quantized to this many bits (8 halves its memory).
 
     Generation stops at any of `tokenizer.eos_token_ids` (not printed), a stop string,
     `max_tokens`, or the model's context length.
@@ -176,6 +178,14 @@ def stream_generate(
         raise ValueError(
             f"the prompt fills the model's whole context ({context} tokens): no room to generate"
         )
+    if cache is None:
+        cache = model.make_cache(kv_bits=kv_bits)
+    elif kv_bits is not None:
+        raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
+    for layer_cache in cache:
+        # DCA takes its length temperature from the whole prompt; one allocation suffices.
+        layer_cache.prompt_length = cached + len(ids)
+        layer_cache.reserve(cached + len(ids) + min(max_tokens, 1024))
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
 

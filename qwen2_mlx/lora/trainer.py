@@ -1,0 +1,458 @@
+"""The LoRA training loop: `train(model, tokenizer, data, ...)`.
+
+Loss: next-token cross-entropy summed over the trained target tokens of a batch and divided
+by their number (the token-level mean of transformers and mlx-lm). With gradient accumulation
+the sums and counts of all micro-batches are added before dividing, so k micro-batches of b
+examples give exactly the gradient of one batch of k*b examples.
+
+Every step: forward/backward, a finiteness check of the loss and gradient norm (a NaN/inf
+stops training before the update, so no broken adapter is ever written), clipping, and an
+optimizer update. Checkpoints hold the adapters and the optimizer state (with its step); the
+batch order and the dropout masks are pure functions of (seed, step), so a resumed run
+continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
+
+from qwen2_mlx.lora.adapters import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    load_adapter_weights,
+    load_training_state,
+    read_adapter_config,
+    resolve_adapter_files,
+    save_adapter,
+    save_training_state,
+    state_file_for,
+)
+from qwen2_mlx.lora.data import Batch, BatchSchedule, Dataset, load_datasets
+from qwen2_mlx.lora.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
+from qwen2_mlx.lora.layers import LoRAConfig, apply_lora, lora_layers, trainable_parameter_count
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+@dataclass
+class TrainingConfig:
+    """Settings of a training run (defaults suit a 0.5B-7B model on a Mac).
+
+    `iters` counts optimizer updates; each consumes `grad_accumulation_steps` batches.
+    `val_batches` of -1 evaluates the whole validation set. `max_grad_norm` None disables
+    clipping. The learning rate rises linearly over `warmup_steps` updates, then follows
+    `lr_schedule` ("cosine": half a cosine from `learning_rate` down to `min_learning_rate`
+    at `iters`; "constant").
+    """
+
+    iters: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    momentum: float = 0.0
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_learning_rate: float = 0.0
+    grad_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    grad_checkpoint: bool = False
+    max_seq_length: int = 2048
+    mask_prompt: bool = True
+    chat: bool = True
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25
+    save_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accumulation_steps", "steps_per_report",
+                    "steps_per_eval", "save_every", "max_seq_length")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.iters < 0:
+            raise ValueError(f"iters must be >= 0, got {self.iters}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None), got {self.max_grad_norm}")
+        if self.val_batches == 0 or self.val_batches < -1:
+            raise ValueError(f"val_batches must be >= 1 or -1 (all), got {self.val_batches}")
+
+
+@dataclass
+class TrainingProgress:
+    """What the progress callback receives.
+
+    event: "start" (before the first step), "step" (after every update; `report` is True
+    every `steps_per_report` steps and at the last one, with `train_loss` and
+    `tokens_per_second` averaged since the previous report), "validation", "checkpoint"
+    (`checkpoint` is the file written) or "done".
+    """
+
+    event: str
+    step: int
+    iters: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int = 0
+    peak_memory_gb: float = 0.0
+    elapsed_s: float = 0.0
+    report: bool = False
+    checkpoint: Path | None = None
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+
+@dataclass
+class TrainingResult:
+    step: int
+    train_losses: list[float] = field(default_factory=list)  # one per step of this run
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    adapter_file: Path | None = None
+    stopped_early: bool = False
+    tokens_per_second: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+Callback = Callable[[TrainingProgress], "bool | None"]
+
+
+def learning_rate_schedule(config: TrainingConfig) -> Callable[[mx.array], mx.array]:
+    """lr for the update that follows `step` earlier updates (mlx optimizers pass the step).
+
+    Warmup starts at lr/warmup rather than 0 so the first update is not wasted.
+    """
+    lr, warmup, total = config.learning_rate, config.warmup_steps, config.iters
+    floor = config.min_learning_rate
+
+    def schedule(step: mx.array) -> mx.array:
+        t = step.astype(mx.float32)
+        if config.lr_schedule == "constant":
+            after = mx.array(lr, dtype=mx.float32)
+        else:
+            progress = mx.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
+            after = floor + (lr - floor) * 0.5 * (1.0 + mx.cos(math.pi * progress))
+        if warmup == 0:
+            return after
+        return mx.where(t < warmup, lr * (t + 1) / warmup, after)
+
+    return schedule
+
+
+def build_optimizer(config: TrainingConfig) -> optim.Optimizer:
+    schedule = learning_rate_schedule(config)
+    if config.optimizer == "adamw":
+        return optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return optim.Adam(learning_rate=schedule)
+    return optim.SGD(learning_rate=schedule, momentum=config.momentum,
+                     weight_decay=config.weight_decay)
+
+
+def trained_logits(model: nn.Module, inputs: mx.array, positions: mx.array) -> mx.array:
+    """Logits (N, vocab) at the flat `positions` of the (B, L) grid only.
+
+    The output head runs on the trained positions alone, so masked prompt tokens cost no
+    (B, L, vocab) logits tensor; the result equals ``model(inputs)`` gathered there.
+    """
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(model, "config"):
+        logits = model(inputs)
+        return logits.reshape(-1, logits.shape[-1])[positions]
+    hidden = inner(inputs)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
+    if model.config.tie_word_embeddings:
+        return inner.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+def batch_loss_sum(model: nn.Module, batch: Batch) -> mx.array:
+    """Sum over the batch's trained targets of -log p(target), in float32."""
+    logits = trained_logits(model, batch.inputs, batch.positions).astype(mx.float32)
+    targets = batch.targets.reshape(-1)[batch.positions]
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return (mx.logsumexp(logits, axis=-1) - picked).sum()
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 4,
+             max_batches: int = -1) -> float:
+    """Token-level mean loss over `dataset` (first `max_batches` length-sorted batches; -1: all),
+    with dropout off."""
+    was_training = model.training
+    model.eval()
+    try:
+        plan = BatchSchedule(dataset, min(batch_size, len(dataset)), shuffle=False)
+        n = len(plan) if max_batches < 0 else min(max_batches, len(plan))
+        total, count = 0.0, 0
+        for i in range(n):
+            batch = plan.batch(i)
+            loss = batch_loss_sum(model, batch)
+            mx.eval(loss)
+            total += loss.item()
+            count += batch.trained
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def _micro_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _grad_norm(grads) -> mx.array:
+    return mx.sqrt(tree_reduce(lambda acc, g: acc + (g.astype(mx.float32) ** 2).sum(), grads,
+                               mx.array(0.0)))
+
+
+def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict) -> None:
+    optimizer.init(model.trainable_parameters())
+    expected = dict(tree_flatten(optimizer.state))
+    if set(flat) != set(expected):
+        raise ValueError("the training state does not match the adapters being trained "
+                         "(different targets, rank or optimizer); resume with the same settings")
+    optimizer.state = tree_unflatten(list(flat.items()))
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    data: str | os.PathLike | dict[str, Dataset | None],
+    *,
+    adapter_path: str | os.PathLike = "adapters",
+    lora: LoRAConfig | None = None,
+    config: TrainingConfig | None = None,
+    resume_adapter_file: str | os.PathLike | None = None,
+    callback: Callback | None = None,
+    metadata: dict | None = None,
+) -> TrainingResult:
+    """Fine-tune LoRA adapters on `model` and save them under `adapter_path`.
+
+    Args:
+        model: a loaded base model (float or quantized: QLoRA), with or without LoRA layers;
+            LoRA layers are added from `lora` when it has none.
+        tokenizer: the model's tokenizer (renders chat data).
+        data: a directory with train.jsonl (and valid.jsonl), or {"train": Dataset,
+            "valid": Dataset or None} from `load_datasets`.
+        adapter_path: output directory: adapters.safetensors, adapter_config.json,
+            training_state.safetensors and numbered checkpoints every `save_every` steps.
+        lora: what to adapt (default LoRAConfig(); read from the adapter's config on resume).
+        config: training settings (default TrainingConfig()).
+        resume_adapter_file: an adapters.safetensors (or numbered checkpoint) to continue
+            from; its training_state file restores the optimizer and step.
+        callback: called with a TrainingProgress on each event; returning False stops
+            training after saving the adapters (for a Stop button).
+        metadata: extra fields for adapter_config.json (e.g. the base model's name).
+
+    Raises TrainingDivergedError when the loss or gradient turns NaN/inf; the adapters of
+    that step are not written (earlier checkpoints stay). The global MLX random seed is
+    reset from `config.seed` at each step (dropout masks and LoRA init are reproducible).
+    """
+    config = config or TrainingConfig()
+    adapter_path = Path(adapter_path)
+    if isinstance(data, dict):
+        datasets = data
+    else:
+        datasets = load_datasets(data, tokenizer, splits=("train", "valid"),
+                                 max_seq_length=config.max_seq_length,
+                                 mask_prompt=config.mask_prompt, chat=config.chat)
+    train_set, valid_set = datasets["train"], datasets.get("valid")
+
+    resume_file = None
+    if resume_adapter_file is not None:
+        resume_file, resume_config_file = resolve_adapter_files(resume_adapter_file)
+        if lora is None:
+            lora, _ = read_adapter_config(resume_config_file)
+    lora = lora or LoRAConfig()
+    if not lora_layers(model):
+        mx.random.seed(config.seed)
+        apply_lora(model, lora)
+    trainable, total = trainable_parameter_count(model)
+    if trainable == 0:
+        raise ValueError("the model has no trainable adapter parameters")
+
+    optimizer = build_optimizer(config)
+    start_step = 0
+    if resume_file is not None:
+        saved_step = load_adapter_weights(model, resume_file)
+        state_file = state_file_for(resume_file)
+        if state_file.is_file():
+            flat, start_step = load_training_state(state_file)
+            if saved_step is not None and saved_step != start_step:
+                raise ValueError(f"{resume_file} is from step {saved_step} but {state_file} "
+                                 f"from step {start_step}: the checkpoint pair is torn")
+            _restore_optimizer(optimizer, model, flat)
+        else:
+            warnings.warn(f"{state_file} not found: resuming from the adapter weights with a "
+                          "fresh optimizer at step 0", stacklevel=2)
+    if start_step > config.iters:
+        raise ValueError(f"the checkpoint is at step {start_step}, past iters={config.iters}")
+
+    schedule = BatchSchedule(train_set, config.batch_size, seed=config.seed,
+                             pad_id=tokenizer.pad_token_id or 0)
+    loss_and_grad = nn.value_and_grad(model, batch_loss_sum)
+    extra = {"training": asdict(config), **(metadata or {})}
+    result = TrainingResult(step=start_step)
+    last_saved = start_step if resume_file is not None else -1
+
+    def emit(progress: TrainingProgress) -> bool:
+        return callback is None or callback(progress) is not False
+
+    def save(step: int, numbered: bool) -> Path:
+        nonlocal last_saved
+        names = [f"{step:07d}_{ADAPTER_FILE}"] if numbered else []
+        for name in names + [ADAPTER_FILE]:
+            adapter_file = adapter_path / name
+            save_training_state(state_file_for(adapter_file), optimizer.state, step)
+            save_adapter(model, adapter_path, lora, file_name=name, step=step, extra=extra)
+        last_saved = step
+        result.adapter_file = adapter_path / ADAPTER_FILE
+        emit(TrainingProgress("checkpoint", step, config.iters, checkpoint=result.adapter_file,
+                              peak_memory_gb=mx.get_peak_memory() / 1e9))
+        return result.adapter_file
+
+    blocks = list(getattr(model, "layers", []))
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(blocks)
+    mx.reset_peak_memory()
+    model.train()
+    started = time.perf_counter()
+    keep_going = emit(TrainingProgress("start", start_step, config.iters,
+                                       trainable_parameters=trainable, total_parameters=total))
+    window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
+    all_tokens, all_time, trained_tokens = 0, 0.0, 0
+    step = start_step
+    try:
+        while keep_going and step < config.iters:
+            step += 1
+            tic = time.perf_counter()
+            loss_sum, count, tokens, grads = mx.array(0.0), 0, 0, None
+            for micro in range(config.grad_accumulation_steps):
+                index = (step - 1) * config.grad_accumulation_steps + micro
+                batch = schedule.batch(index)
+                mx.random.seed(_micro_seed(config.seed, index))
+                loss, g = loss_and_grad(model, batch)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss_sum = loss_sum + loss
+                mx.eval(loss_sum, grads)
+                count += batch.trained
+                tokens += batch.tokens
+            if count == 0:
+                raise ValueError(f"step {step}: the batches hold no trained token (all were "
+                                 "truncated away); raise max_seq_length")
+            grads = tree_map(lambda g, n=count: g / n, grads)
+            if config.max_grad_norm is not None:
+                grads, norm = optim.clip_grad_norm(grads, config.max_grad_norm)
+            else:
+                norm = _grad_norm(grads)
+            loss = loss_sum / count
+            mx.eval(loss, norm, grads)
+            loss_value, norm_value = loss.item(), norm.item()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                where = (f"the last checkpoint is step {last_saved} in {adapter_path}"
+                         if last_saved >= 0 else "no adapter was saved")
+                raise TrainingDivergedError(
+                    f"training diverged at step {step}: loss {loss_value}, gradient norm "
+                    f"{norm_value}; nothing was written for this step ({where}). Lower the "
+                    "learning rate, or train in float32/bfloat16 instead of float16.")
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            elapsed = time.perf_counter() - tic
+            lr = optimizer.learning_rate.item()  # the rate this update used
+
+            result.train_losses.append(loss_value)
+            trained_tokens += count
+            window_loss += loss_value
+            window_count += 1
+            window_tokens += tokens
+            window_time += elapsed
+            all_tokens += tokens
+            all_time += elapsed
+            report = step % config.steps_per_report == 0 or step == config.iters
+            progress = TrainingProgress(
+                "step", step, config.iters, train_loss=loss_value, learning_rate=lr,
+                grad_norm=norm_value, tokens_per_second=tokens / elapsed,
+                trained_tokens=trained_tokens, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                elapsed_s=time.perf_counter() - started, report=report,
+            )
+            if report:
+                progress.train_loss = window_loss / window_count
+                progress.tokens_per_second = window_tokens / window_time
+                window_loss, window_count, window_tokens, window_time = 0.0, 0, 0, 0.0
+            keep_going = emit(progress)
+
+            if valid_set is not None and (step % config.steps_per_eval == 0
+                                          or step == config.iters):
+                val_loss = evaluate(model, valid_set, config.batch_size, config.val_batches)
+                result.val_losses.append((step, val_loss))
+                keep_going = emit(TrainingProgress(
+                    "validation", step, config.iters, val_loss=val_loss,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    elapsed_s=time.perf_counter() - started)) and keep_going
+            if step % config.save_every == 0:
+                save(step, numbered=True)
+        result.stopped_early = step < config.iters
+        if last_saved != step:
+            save(step, numbered=False)
+        elif result.adapter_file is None:
+            result.adapter_file = adapter_path / ADAPTER_FILE
+    finally:
+        model.eval()
+        if config.grad_checkpoint:
+            disable_grad_checkpoint(blocks)
+    result.step = step
+    result.tokens_per_second = all_tokens / all_time if all_time > 0 else 0.0
+    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    emit(TrainingProgress("done", step, config.iters,
+                          train_loss=result.train_losses[-1] if result.train_losses else None,
+                          val_loss=result.val_losses[-1][1] if result.val_losses else None,
+                          tokens_per_second=result.tokens_per_second,
+                          trained_tokens=trained_tokens, peak_memory_gb=result.peak_memory_gb,
+                          elapsed_s=time.perf_counter() - started,
+                          checkpoint=result.adapter_file))
+    return result
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "TrainingConfig",
+    "TrainingDivergedError",
+    "TrainingProgress",
+    "TrainingResult",
+    "batch_loss_sum",
+    "build_optimizer",
+    "evaluate",
+    "learning_rate_schedule",
+    "train",
+    "trained_logits",
+]
