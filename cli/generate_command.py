@@ -68,10 +68,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        mlx_model, tokenizer = load(model, dtype=dtype)
-        if dca or yarn_factor is not None or chunk_size or local_size:
-            mlx_model.set_long_context(dca=dca, chunk_size=chunk_size, local_size=local_size,
-                                       yarn_factor=yarn_factor)
+        mlx_model, tokenizer = load(model, dtype=dtype, dca=dca, chunk_size=chunk_size,
+                                    local_size=local_size, yarn_factor=yarn_factor)
     except (OSError, ValueError, NotImplementedError) as e:
         raise click.ClickException(str(e)) from e
 

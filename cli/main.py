@@ -7,7 +7,9 @@ import sys
 import click
 
 from qwen2_mlx.cli.convert_command import convert_command
+from qwen2_mlx.cli.fuse_command import fuse_command
 from qwen2_mlx.cli.generate_command import generate_command
+from qwen2_mlx.cli.lora_command import lora_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +26,8 @@ def cli() -> None:
 
 
 cli.add_command(generate_command)
+cli.add_command(lora_command)
+cli.add_command(fuse_command)
 cli.add_command(convert_command)
 
 

@@ -176,8 +176,8 @@ def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
     bias (2 x 2 bytes).
     """
     values = num_layers * 2 * num_kv_heads * head_dim
-    if bits == 16:
-        return float(values * 2)
+    if bits in (16, 32):  # float16/bfloat16 or float32, unquantized
+        return float(values * bits // 8)
     return values * bits / 8 + values / group_size * 4
 
 

@@ -170,12 +170,14 @@ def compute_dtype_for_backend() -> mx.Dtype | None:
     0.32.4, Qwen2-0.5B q8 g64: last-position logit rms error vs torch float32 4.5e-2 with
     float32 activations, 1.95e-1 with bfloat16; see the project's notes "MLX on the Linux CPU
     backend: measured facts"). So on CPU the scales, biases and unquantized floats are kept
-    in float32, which makes the activations float32. On Metal the half-precision quantized
-    kernels are the fast path: None keeps the checkpoint's dtype.
+    in float32, which makes the activations float32. On a GPU (Metal, or CUDA) the
+    half-precision quantized kernels are the fast path: None keeps the checkpoint's dtype.
+    The choice follows the device MLX computes on now (`mx.default_device()`), so a Mac run
+    pinned to the CPU also gets float32.
     """
-    if mx.metal.is_available():
-        return None
-    return mx.float32
+    if mx.default_device().type == mx.cpu:
+        return mx.float32
+    return None
 
 
 def quantization_settings(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -301,6 +303,10 @@ def load(
     dtype: str | mx.Dtype | None = None,
     adapter_path: str | os.PathLike | None = None,
     revision: str | None = None,
+    dca: bool = False,
+    chunk_size: int | None = None,
+    local_size: int | None = None,
+    yarn_factor: float | None = None,
 ):
     """Load a Qwen2 model and its tokenizer.
 
@@ -312,6 +318,9 @@ def load(
             ``compute_dtype_for_backend()`` (float32 on CPU, the checkpoint's dtype on Metal).
         adapter_path: a LoRA adapter directory to apply on top of the weights.
         revision: a Hub branch, tag or commit.
+        dca, chunk_size, local_size: switch on Dual Chunk Attention (see
+            `Model.set_long_context`) for a model whose config lacks it.
+        yarn_factor: switch on static YaRN with this factor instead.
 
     Returns:
         ``(model, tokenizer)``.
@@ -320,6 +329,9 @@ def load(
 
     model_path = resolve_model_path(path_or_repo, revision=revision)
     model = load_model(model_path, dtype=dtype)
+    if dca or yarn_factor is not None or chunk_size is not None or local_size is not None:
+        model.set_long_context(dca=dca, chunk_size=chunk_size, local_size=local_size,
+                               yarn_factor=yarn_factor)
     if adapter_path is not None:
         raise NotImplementedError(
             "LoRA adapters are not supported yet (tracked by the LoRA fine-tuning issue)"

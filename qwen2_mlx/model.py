@@ -113,7 +113,7 @@ class ModelConfig:
             raise ValueError(f"unknown layer_types {sorted(unknown)}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention but sliding_window is not set")
-        self.long_context  # validates rope_scaling / dual_chunk_attention_config early
+        _ = self.long_context  # validates rope_scaling / dual_chunk_attention_config early
 
     def _check_moe(self) -> None:
         if not self.qkv_bias:
@@ -294,9 +294,10 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
+        # Declared in mlx-lm's order so converted checkpoints are byte-identical to its own.
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -396,7 +397,7 @@ class Model(nn.Module):
                                     local_size=local_size, yarn_factor=yarn_factor)
         self.config.rope_scaling = updated.get("rope_scaling")
         self.config.dual_chunk_attention_config = updated.get("dual_chunk_attention_config")
-        self.config.long_context  # validate before touching the layers
+        _ = self.config.long_context  # validate before touching the layers
         for layer in self.layers:
             layer.self_attn.set_positions(self.config)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hub_server import hub_server  # noqa: F401  (fixture: a fake Hugging Face Hub on loopback)
 from tokenizer_fixture import build_qwen2_tokenizer_files, build_tiny_tokenizer_files
 
 TINY_VOCAB = 512

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 
-import dca_reference as ref
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import load_torch_model
 
 from qwen2_mlx import load
 from qwen2_mlx.cache import kv_cache_bytes_per_token
@@ -18,6 +16,9 @@ from qwen2_mlx.generate import stream_generate
 from qwen2_mlx.loader import load_model
 from qwen2_mlx.model import Model, ModelConfig
 from qwen2_mlx.rope import rope_inv_freq
+
+import dca_reference as ref
+from conftest import load_torch_model
 
 TINY = dict(hidden_size=64, num_heads=4, num_kv_heads=2)
 
@@ -97,9 +98,9 @@ def test_dca_layer_output_matches_float64_reference(tiny_checkpoint, tmp_path, o
 def test_dca_chunked_prefill_and_decode_match_one_shot(tiny_checkpoint, tmp_path):
     """Stepwise prefill takes the temperature from the whole prompt (cache.prompt_length);
     decoding then writes each new key with the temperature of the current length."""
-    C, W, O = 16, 4, 8
+    C, W, T = 16, 4, 8
     dca = with_config(tiny_checkpoint, tmp_path, dual_chunk_attention_config={
-        "chunk_size": C, "local_size": W, "original_max_position_embeddings": O})
+        "chunk_size": C, "local_size": W, "original_max_position_embeddings": T})
     model = load_model(dca)
     ids = np.random.RandomState(2).randint(0, 509, size=(1, 40))
     full = logits(model, ids[:, :37])
@@ -115,8 +116,8 @@ def test_dca_chunked_prefill_and_decode_match_one_shot(tiny_checkpoint, tmp_path
     layer_cache.prompt_length = 37
     attn(x[:, :37], cache=layer_cache)
     decoded = np.array(attn(x[:, 37:38], cache=layer_cache))
-    s_k = np.array([ref.length_temperature(37, O)] * 37 + [ref.length_temperature(38, O)])
-    expected = numpy_attention(attn, x, C, W, s_q=ref.length_temperature(38, O), s_k=s_k)
+    s_k = np.array([ref.length_temperature(37, T)] * 37 + [ref.length_temperature(38, T)])
+    expected = numpy_attention(attn, x, C, W, s_q=ref.length_temperature(38, T), s_k=s_k)
     assert np.abs(decoded[0, 0] - expected[0, -1]).max() <= 1e-4 * np.abs(expected).max()
 
 
@@ -241,3 +242,25 @@ def test_prefill_memory_grows_linearly(mode):
         peaks.append(mx.get_peak_memory() - base)
         del cache
     assert peaks[2] / peaks[1] < 2.6 and peaks[1] / peaks[0] < 2.6, peaks
+
+
+def test_cli_and_api_long_context_options_agree(checkpoint_factory):
+    from click.testing import CliRunner
+
+    from qwen2_mlx import generate
+    from qwen2_mlx.cli.main import cli
+
+    tiny_checkpoint = checkpoint_factory(hidden_size=128, num_heads=4, num_kv_heads=2)
+    model, tokenizer = load(tiny_checkpoint, dca=True, chunk_size=8, local_size=2)
+    assert model.config.long_context.dca.chunk_size == 8
+    prompt = "a prompt long enough to span several dual chunks of eight tokens each"
+    expected = generate(model, tokenizer, prompt, max_tokens=6, kv_bits=8)
+    result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_checkpoint), "--no-chat",
+                                      "-p", prompt, "--max-tokens", "6", "--temp", "0",
+                                      "--repetition-penalty", "1", "--dca", "--chunk-size", "8",
+                                      "--local-size", "2", "--kv-bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected + "\n"
+    bad = CliRunner().invoke(cli, ["generate", "-m", str(tiny_checkpoint), "--dca",
+                                   "--yarn-factor", "4"])
+    assert bad.exit_code == 1 and "not both" in bad.stderr

@@ -6,12 +6,15 @@ import pytest
 from mlx.utils import tree_flatten
 
 from qwen2_mlx.model import Model
+from qwen2_mlx.moe import activated_parameter_count
 from qwen2_mlx.presets import PRESETS, preset
 
 # Parameter counts shown for the released checkpoints on the Hugging Face Hub. For 0.5B the
 # Hub shows 494M; the "0.49B" of the release table is that figure cut to two digits, which
 # would be 0.8% off and cannot serve a 0.5% check.
-PUBLISHED = {"Qwen2-0.5B": 0.494e9, "Qwen2-1.5B": 1.54e9, "Qwen2-7B": 7.62e9, "Qwen2-72B": 72.7e9}
+# Qwen2-57B-A14B: 57.4B total, "A14B" = 14.2B activated per token (Qwen2 release notes).
+PUBLISHED = {"Qwen2-0.5B": 0.494e9, "Qwen2-1.5B": 1.54e9, "Qwen2-7B": 7.62e9, "Qwen2-72B": 72.7e9,
+             "Qwen2-57B-A14B": 57.4e9}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -20,6 +23,24 @@ def test_preset_parameter_count_matches_published(name):
     model = Model(preset(name))
     count = sum(p.size for _, p in tree_flatten(model.parameters()))
     assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.005
+
+
+def test_moe_preset_activated_parameters():
+    """Per token: attention, norms, router, shared expert and its gate, 8 of the 64 routed
+    experts, plus the embedding and LM head (Qwen counts both): ~14.2B.
+
+    By hand, per layer: attention 2*3584^2 + 2*3584*512 + biases (3584 + 2*512) = 29.36M;
+    shared expert 3*3584*20480 = 220.2M; 8 experts 8*3*3584*2560 = 220.2M; router 64*3584;
+    x 28 layers = 13.16B, plus 2*151936*3584 = 1.09B of embedding and LM head: 14.25B.
+    """
+    model = Model(preset("Qwen2-57B-A14B"))
+    activated = activated_parameter_count(model)
+    assert abs(activated - 14.2e9) / 14.2e9 < 0.01
+    per_layer = (2 * 3584**2 + 2 * 3584 * 512 + 3584 + 2 * 512 + 2 * 3584  # attn + norms
+                 + 3 * 3584 * 20480 + 3584 + 8 * 3 * 3584 * 2560 + 64 * 3584)
+    assert activated == 28 * per_layer + 2 * 151936 * 3584 + 3584
+    assert activated_parameter_count(Model(preset("Qwen2-7B"))) == sum(
+        p.size for _, p in tree_flatten(Model(preset("Qwen2-7B")).parameters()))
 
 
 def test_presets_are_consistent():

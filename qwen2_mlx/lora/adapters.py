@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, LoRAConfig, LoRALinear, apply_lora
+from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, LoRAAdapter, LoRAConfig, apply_lora
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -65,7 +65,7 @@ def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     """The adapter tensors of `model` by their full names (lora_a, lora_b, DoRA's m)."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAAdapter):
             for key in ADAPTER_PARAMETERS:
                 if key in module:
                     out[f"{name}.{key}"] = module[key]
@@ -76,7 +76,7 @@ def adapted_keys(model: nn.Module) -> list[str]:
     """Module paths inside a block that carry adapters ("self_attn.q_proj", ...)."""
     keys: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAAdapter):
             parts = name.split(".")
             # "model.layers.<i>.<path>" (or "layers.<i>.<path>") -> "<path>"
             idx = parts.index("layers") + 2 if "layers" in parts else 0

@@ -10,6 +10,11 @@ DoRA (Liu et al. 2024, eq. 5) rescales each output row of the adapted weight
 ``y = m / ||W'||_row * (x @ W.T + scale * lora(x)) + bias``, with the norm treated as a constant
 in the backward pass (the paper's section 4.3, as PEFT does).
 
+MoE experts (`SwitchLinear`, E stacked matrices) get one low-rank pair per expert,
+``lora_a`` (E, rank, in) and ``lora_b`` (E, out, rank) as in mlx-lm, applied with the same
+`gather_mm` routing as the base; DoRA is not offered there. The router (`mlp.gate`) and
+`mlp.shared_expert_gate` are left out of every target group.
+
 The base weights are never copied: `adapters_disabled(model)` switches every adapter off so the
 same arrays give the base model's output (the DPO reference pass).
 """
@@ -23,6 +28,9 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from qwen2_mlx.moe import QuantizedSwitchLinear, SwitchLinear
 
 ATTENTION_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -79,45 +87,44 @@ class LoRAConfig:
 
 
 def expand_targets(targets: Sequence[str], block_paths: Sequence[str]) -> list[str]:
-    """Resolve user target names against the linear-layer paths of one decoder block.
+    """Resolve user target names against the adaptable-layer paths of one decoder block.
 
-    A group name expands to its members, a full path must exist, and a short name
-    ("q_proj") matches every path ending in ".q_proj". Unknown names raise ValueError
-    listing what the block has.
+    A group name expands to its members present in the block, a full path matches itself,
+    and a short name ("q_proj") matches every path ending in ".q_proj". A name matching
+    nothing in this block is skipped (a MoE model mixes dense and expert blocks); apply_lora
+    reports names that match no block at all.
     """
     available = list(block_paths)
     chosen: list[str] = []
     for target in targets:
         if target in TARGET_GROUPS:
             matches = [p for p in TARGET_GROUPS[target] if p in available]
-            # A MoE block has experts where a dense block has mlp.*_proj.
+            # A MoE block has routed and shared experts where a dense block has mlp.*_proj.
             if target in ("mlp", "all-linear"):
-                matches += [p for p in available if p.startswith("mlp.experts")
-                            or p.startswith("mlp.shared_expert.")]
+                matches += [p for p in available
+                            if p.startswith(("mlp.switch_mlp.", "mlp.shared_expert."))]
         elif target in available:
             matches = [target]
         else:
             matches = [p for p in available if p.endswith("." + target)]
-        if not matches:
-            raise ValueError(
-                f"LoRA target {target!r} matches no linear layer; a decoder block has "
-                f"{', '.join(available)} (groups: {', '.join(TARGET_GROUPS)})"
-            )
         chosen.extend(m for m in matches if m not in chosen)
     return chosen
 
 
-def _linear_dims(base: nn.Module) -> tuple[int, int]:
-    """(input_dims, output_dims) of a Linear or QuantizedLinear."""
-    out_dims, packed_in = base.weight.shape
-    if isinstance(base, nn.QuantizedLinear):
-        return packed_in * 32 // base.bits, out_dims
-    return packed_in, out_dims
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+EXPERT_TYPES = (SwitchLinear, QuantizedSwitchLinear)
+
+
+def _packed_in_dims(base: nn.Module) -> int:
+    packed = base.weight.shape[-1]
+    quantized = isinstance(base, nn.QuantizedLinear | QuantizedSwitchLinear)
+    return packed * 32 // base.bits if quantized else packed
 
 
 def dense_weight(base: nn.Module) -> mx.array:
-    """The (out, in) weight of a Linear, de-quantized for a QuantizedLinear."""
-    if isinstance(base, nn.QuantizedLinear):
+    """The float weight of a (Quantized)Linear (out, in) or (Quantized)SwitchLinear
+    (E, out, in), de-quantized when needed."""
+    if isinstance(base, nn.QuantizedLinear | QuantizedSwitchLinear):
         return mx.dequantize(base.weight, base.scales, base.get("biases"),
                              group_size=base.group_size, bits=base.bits, mode=base.mode)
     return base.weight
@@ -131,7 +138,35 @@ def _matmul_without_bias(base: nn.Module, x: mx.array) -> mx.array:
     return x @ base.weight.T
 
 
-class LoRALinear(nn.Module):
+class LoRAAdapter(nn.Module):
+    """What all adapter layers share: the frozen `base`, scale, dropout, on/off switch."""
+
+    def __init__(self, base: nn.Module, scale: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.scale = float(scale)
+        self.dropout = float(dropout)
+        self.enabled = True
+        # Set by gradient checkpointing so a recomputed forward redraws the same mask.
+        self.dropout_key: mx.array | None = None
+
+    def _dropped(self, x: mx.array) -> mx.array:
+        if not self.training or self.dropout == 0.0:
+            return x
+        keep = 1.0 - self.dropout
+        mask = mx.random.bernoulli(keep, x.shape, key=self.dropout_key)
+        return x * mask * (1.0 / keep)
+
+    def delta_weight(self) -> mx.array:
+        """The float32 update that merging adds to the base weight."""
+        raise NotImplementedError
+
+    def fused(self, dequantize: bool = False) -> nn.Module:
+        """The base layer with the update merged in."""
+        raise NotImplementedError
+
+
+class LoRALinear(LoRAAdapter):
     """A frozen Linear/QuantizedLinear plus a trainable low-rank update (optionally DoRA).
 
     The adapter weights are float32 whatever the base dtype, so float16/bfloat16 and
@@ -141,20 +176,15 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int = 8, scale: float = 2.0,
                  dropout: float = 0.0, dora: bool = False):
-        super().__init__()
-        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            raise ValueError(f"LoRA wraps Linear or QuantizedLinear, got {type(base).__name__}")
-        self.base = base
-        in_dims, out_dims = _linear_dims(base)
+        if not isinstance(base, LINEAR_TYPES):
+            raise ValueError(f"LoRALinear wraps Linear or QuantizedLinear, got "
+                             f"{type(base).__name__}")
+        super().__init__(base, scale, dropout)
+        in_dims, out_dims = _packed_in_dims(base), base.weight.shape[0]
         # Kaiming-uniform bound for A (PEFT and mlx-lm); B = 0 so training starts at the base.
         bound = 1.0 / math.sqrt(in_dims)
         self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
         self.lora_b = mx.zeros((rank, out_dims))
-        self.scale = float(scale)
-        self.dropout = float(dropout)
-        self.enabled = True
-        # Set by gradient checkpointing so a recomputed forward redraws the same mask.
-        self.dropout_key: mx.array | None = None
         if dora:
             self.m = self.adapted_row_norm()
 
@@ -163,20 +193,13 @@ class LoRALinear(nn.Module):
         return "m" in self
 
     def delta_weight(self) -> mx.array:
-        """scale * (lora_a @ lora_b).T in float32, shape (out, in)."""
+        """scale * (lora_a @ lora_b).T, shape (out, in)."""
         return self.scale * (self.lora_b.T @ self.lora_a.T)
 
     def adapted_row_norm(self) -> mx.array:
         """||W + delta||_2 over each output row, float32 (DoRA's denominator)."""
         w = dense_weight(self.base).astype(mx.float32) + self.delta_weight()
         return mx.linalg.norm(w, axis=1)
-
-    def _dropped(self, x: mx.array) -> mx.array:
-        if not self.training or self.dropout == 0.0:
-            return x
-        keep = 1.0 - self.dropout
-        mask = mx.random.bernoulli(keep, x.shape, key=self.dropout_key)
-        return x * mask * (1.0 / keep)
 
     def __call__(self, x: mx.array) -> mx.array:
         if not self.enabled:
@@ -215,9 +238,67 @@ class LoRALinear(nn.Module):
         return linear
 
 
-def lora_layers(model: nn.Module) -> list[LoRALinear]:
-    """All LoRA layers of `model`, in module order."""
-    return [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+class LoRASwitchLinear(LoRAAdapter):
+    """LoRA on the E stacked experts of a (Quantized)SwitchLinear: one (A, B) per expert.
+
+    ``y = base(x, idx) + scale * (dropout(x) @ lora_a[idx].T) @ lora_b[idx].T``, each row
+    through its own experts' pairs with `gather_mm`, as the base routes it.
+    """
+
+    def __init__(self, base: nn.Module, rank: int = 8, scale: float = 2.0,
+                 dropout: float = 0.0):
+        if not isinstance(base, EXPERT_TYPES):
+            raise ValueError(f"LoRASwitchLinear wraps SwitchLinear, got {type(base).__name__}")
+        super().__init__(base, scale, dropout)
+        experts, out_dims = base.weight.shape[:2]
+        in_dims = _packed_in_dims(base)
+        bound = 1.0 / math.sqrt(in_dims)
+        self.lora_a = mx.random.uniform(-bound, bound, (experts, rank, in_dims))
+        self.lora_b = mx.zeros((experts, out_dims, rank))
+
+    @property
+    def is_dora(self) -> bool:
+        return False
+
+    def delta_weight(self) -> mx.array:
+        """scale * lora_b @ lora_a, shape (E, out, in)."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        y = self.base(x, indices, sorted_indices)
+        if not self.enabled:
+            return y
+        z = mx.gather_mm(self._dropped(x), self.lora_a.swapaxes(-1, -2), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), rhs_indices=indices,
+                         sorted_indices=sorted_indices)
+        return y + (self.scale * z).astype(y.dtype)
+
+    def fused(self, dequantize: bool = False) -> nn.Module:
+        weight = dense_weight(self.base)
+        merged = (weight.astype(mx.float32) + self.delta_weight()).astype(weight.dtype)
+        if isinstance(self.base, QuantizedSwitchLinear) and not dequantize:
+            return QuantizedSwitchLinear(merged, self.base.group_size, self.base.bits,
+                                         self.base.mode)
+        experts, out_dims, in_dims = merged.shape
+        layer = SwitchLinear(in_dims, out_dims, experts)
+        layer.weight = merged
+        return layer
+
+
+def make_adapter(base: nn.Module, config: LoRAConfig, path: str = "") -> LoRAAdapter:
+    """The adapter layer for `base` under `config`."""
+    if isinstance(base, EXPERT_TYPES):
+        if config.dora:
+            raise ValueError(f"DoRA is not supported on MoE expert layers ({path}); "
+                             "use LoRA or leave the experts out of the targets")
+        return LoRASwitchLinear(base, config.rank, config.scale, config.dropout)
+    return LoRALinear(base, config.rank, config.scale, config.dropout, config.dora)
+
+
+def lora_layers(model: nn.Module) -> list[LoRAAdapter]:
+    """All adapter layers of `model`, in module order."""
+    return [m for _, m in model.named_modules() if isinstance(m, LoRAAdapter)]
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -227,17 +308,18 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _linear_paths(block: nn.Module) -> list[str]:
+def adaptable_paths(block: nn.Module) -> list[str]:
+    """Paths of the layers LoRA can wrap inside one decoder block."""
     return [name for name, m in block.named_modules()
-            if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and name]
+            if name and isinstance(m, LINEAR_TYPES + EXPERT_TYPES)]
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """Wrap the targeted projections of `model` in LoRA layers and freeze everything else.
+    """Wrap the targeted layers of `model` in LoRA layers and freeze everything else.
 
     Only the adapter parameters (lora_a, lora_b and DoRA's m) stay trainable. Returns the
     full paths of the wrapped modules. Raises ValueError when the model already has adapters,
-    a target matches nothing, or num_layers exceeds the model's depth.
+    a target matches no layer in the adapted blocks, or num_layers exceeds the depth.
     """
     if lora_layers(model):
         raise ValueError("the model already has LoRA adapters; load a fresh base model")
@@ -245,65 +327,58 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     n = config.num_layers or len(blocks)
     if n > len(blocks):
         raise ValueError(f"num_layers is {n} but the model has {len(blocks)} layers")
-    block_offset = len(blocks) - n
+    first = len(blocks) - n
+    plans = []
+    matched: set[str] = set()
+    for i, block in enumerate(blocks[first:], start=first):
+        available = adaptable_paths(block)
+        for target in config.targets:
+            if expand_targets([target], available):
+                matched.add(target)
+        plans.append((i, block, expand_targets(config.targets, available)))
+    unmatched = [t for t in config.targets if t not in matched]
+    if unmatched:
+        example = adaptable_paths(blocks[-1])
+        raise ValueError(
+            f"LoRA target(s) {', '.join(map(repr, unmatched))} match no layer; a decoder block "
+            f"has {', '.join(example)} (groups: {', '.join(TARGET_GROUPS)})"
+        )
     wrapped: list[str] = []
-    for i, block in enumerate(blocks[block_offset:], start=block_offset):
-        paths = expand_targets(config.targets, _linear_paths(block))
+    for i, block, paths in plans:
         modules = dict(block.named_modules())
-        updates = []
-        for path in paths:
-            layer = LoRALinear(modules[path], config.rank, config.scale, config.dropout,
-                               config.dora)
-            updates.append((path, layer))
-            wrapped.append(f"layers.{i}.{path}")
-        block.update_modules(_unflatten_modules(updates))
+        updates = [(path, make_adapter(modules[path], config, f"layers.{i}.{path}"))
+                   for path in paths]
+        block.update_modules(tree_unflatten(updates))
+        wrapped.extend(f"layers.{i}.{path}" for path in paths)
     model.freeze()
     for layer in lora_layers(model):
         layer.unfreeze(keys=[k for k in ADAPTER_PARAMETERS if k in layer], recurse=False)
     return wrapped
 
 
-def _unflatten_modules(items: list[tuple[str, nn.Module]]) -> dict:
-    """{"self_attn.q_proj": m} -> {"self_attn": {"q_proj": m}}; numeric parts become lists
-    the way Module.update_modules expects (e.g. experts lists)."""
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(items)
-
-
 def remove_lora(model: nn.Module) -> nn.Module:
     """Put the original base layers back (adapters discarded, nothing merged)."""
-    _replace_lora(model, lambda layer: layer.base)
-    return model
-
-
-def _replace_lora(model: nn.Module, make) -> None:
-    from mlx.utils import tree_unflatten
-
-    updates = [(name, make(m)) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    updates = [(name, m.base) for name, m in model.named_modules()
+               if isinstance(m, LoRAAdapter)]
     if updates:
         model.update_modules(tree_unflatten(updates))
+    return model
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; quantized weights count as unpacked elements."""
-    from mlx.utils import tree_flatten
-
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = 0
     for _, module in model.named_modules():
+        quantized = isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding
+                               | QuantizedSwitchLinear)
         for name, value in module.items():
             if not isinstance(value, mx.array):
                 continue
-            if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
-                if name == "weight":
-                    total += value.size * 32 // module.bits
-                elif name in ("scales", "biases"):
-                    continue
-                else:
-                    total += value.size
-            else:
-                total += value.size
+            if quantized and name in ("scales", "biases"):
+                continue
+            total += value.size * 32 // module.bits if quantized and name == "weight" \
+                else value.size
     return trainable, total
 
 

@@ -261,7 +261,8 @@ def train(
     Args:
         model: a loaded base model (float or quantized: QLoRA), with or without LoRA layers;
             LoRA layers are added from `lora` when it has none.
-        tokenizer: the model's tokenizer (renders chat data).
+        tokenizer: the model's tokenizer (renders chat data; may be None when `data` holds
+            already tokenized datasets).
         data: a directory with train.jsonl (and valid.jsonl), or {"train": Dataset,
             "valid": Dataset or None} from `load_datasets`.
         adapter_path: output directory: adapters.safetensors, adapter_config.json,
@@ -319,7 +320,7 @@ def train(
         raise ValueError(f"the checkpoint is at step {start_step}, past iters={config.iters}")
 
     schedule = BatchSchedule(train_set, config.batch_size, seed=config.seed,
-                             pad_id=tokenizer.pad_token_id or 0)
+                             pad_id=getattr(tokenizer, "pad_token_id", None) or 0)
     loss_and_grad = nn.value_and_grad(model, batch_loss_sum)
     extra = {"training": asdict(config), **(metadata or {})}
     result = TrainingResult(step=start_step)
