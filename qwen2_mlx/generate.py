@@ -59,6 +59,12 @@ def generate_step(
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
     cache = cache if cache is not None else model.make_cache()
+    for layer_cache in cache:
+        # DCA takes its length temperature from the whole prompt, even when prefilled in
+        # steps; and one allocation for prompt + (most of the) output suffices.
+        total = layer_cache.offset + prompt.size
+        layer_cache.prompt_length = total
+        layer_cache.reserve(total + min(max_tokens, 1024))
     sampler = make_sampler(sampling)
     processors = make_logits_processors(sampling)
     history = prompt.astype(mx.int32)
@@ -182,10 +188,6 @@ def stream_generate(
         cache = model.make_cache(kv_bits=kv_bits)
     elif kv_bits is not None:
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
-    for layer_cache in cache:
-        # DCA takes its length temperature from the whole prompt; one allocation suffices.
-        layer_cache.prompt_length = cached + len(ids)
-        layer_cache.reserve(cached + len(ids) + min(max_tokens, 1024))
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
 
