@@ -31,6 +31,8 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
               help="How many recent tokens the repetition penalty looks at.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--stop", multiple=True, help="A string that ends generation (repeatable).")
+@click.option("--adapter-path", default=None, type=click.Path(),
+              help="A LoRA adapter directory (from `qwen2-mlx lora`) to apply, unfused.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Cast weights to this dtype (default: as stored).")
 @click.option("--prefill-step-size", default=512, show_default=True, type=click.IntRange(min=1),
@@ -48,7 +50,7 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
-                     repetition_penalty, repetition_context_size, seed, stop, dtype,
+                     repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
                      verbose) -> None:
     """Generate text from a prompt, streamed to stdout.
@@ -68,9 +70,10 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
     if prompt == "-":
         prompt = sys.stdin.read()
     try:
-        mlx_model, tokenizer = load(model, dtype=dtype, dca=dca, chunk_size=chunk_size,
-                                    local_size=local_size, yarn_factor=yarn_factor)
-    except (OSError, ValueError, NotImplementedError) as e:
+        mlx_model, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
+                                    chunk_size=chunk_size, local_size=local_size,
+                                    yarn_factor=yarn_factor)
+    except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
     if chat:

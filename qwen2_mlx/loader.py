@@ -333,8 +333,8 @@ def load(
         model.set_long_context(dca=dca, chunk_size=chunk_size, local_size=local_size,
                                yarn_factor=yarn_factor)
     if adapter_path is not None:
-        raise NotImplementedError(
-            "LoRA adapters are not supported yet (tracked by the LoRA fine-tuning issue)"
-        )
+        from qwen2_mlx.lora import load_adapter
+
+        load_adapter(model, adapter_path)
     tokenizer = Qwen2Tokenizer.from_pretrained(model_path)
     return model, tokenizer

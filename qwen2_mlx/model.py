@@ -15,9 +15,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from qwen2_mlx.cache import KVCache, QuantizedKVCache
-from qwen2_mlx.dual_chunk_attention import dca_write_keys, dual_chunk_attention
 from qwen2_mlx.long_context import LongContext, resolve_long_context, with_long_context
 from qwen2_mlx.metal_kernels.attention import scaled_dot_product_attention
+from qwen2_mlx.metal_kernels.dual_chunk_attention import dca_write_keys, dual_chunk_attention
 from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, stack_expert_weights
 from qwen2_mlx.rope import RoPE
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen2_mlx.dual_chunk_attention import (
+from qwen2_mlx.metal_kernels.dual_chunk_attention import (
     DualChunkConfig,
     attention_with_lse,
     dca_write_keys,

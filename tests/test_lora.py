@@ -14,7 +14,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from lora_tasks import last_letter_items, last_letter_record
 from mlx.utils import tree_flatten
 
 from qwen2_mlx import generate, load
@@ -34,11 +33,12 @@ from qwen2_mlx.lora import (
 from qwen2_mlx.lora.adapters import adapter_weights, state_file_for
 from qwen2_mlx.lora.data import Dataset, Example, encode_record, make_batch
 from qwen2_mlx.lora.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
-from qwen2_mlx.lora.layers import LoRALinear, LoRASwitchLinear
+from qwen2_mlx.lora.layers import LoRALinear, LoRASwitchLinear, lora_config_of
 from qwen2_mlx.lora.trainer import batch_loss_sum, trained_logits
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
 
 from conftest import load_torch_model
+from lora_tasks import last_letter_items, last_letter_record
 
 # --------------------------------------------------------------------------------- helpers
 
@@ -207,6 +207,7 @@ def test_moe_expert_gradients_equal_torch(moe_path):
     shared expert and attention. Reference: transformers' Qwen2MoeForCausalLM whose expert
     tensors are replaced by W + scale * B @ A (the same update, merged) in torch."""
     import torch
+
     from test_moe import load_torch_moe
 
     path = moe_path
@@ -377,9 +378,10 @@ def test_learns_a_rule_and_answers_held_out_items(tiny, tokenizer, tmp_path):
     """Task: the answer is the last letter of a 3-6 letter string over "abcd" (chat
     prompt/completion). 48 training strings; 16 held-out strings that never occur in
     training, so they test the rule, while the answer letters themselves are all seen.
-    Before training greedy answers are at chance; after 120 steps the training loss (mean
-    of the last 10 steps, answer + <|im_end|> tokens) is below 0.15 and at least 15 of 16
-    held-out answers are exact."""
+    Before training no held-out answer is right (the base model rambles); after 120 steps
+    the training loss (mean of the last 10 steps over the answer and <|im_end|> tokens) is
+    below 0.15 (measured 0.043) and at least 15 of 16 held-out answers are exact (measured
+    16)."""
     train_items, held_out = last_letter_items(48, 16)
     model, tok = load(tiny)
 
@@ -387,14 +389,12 @@ def test_learns_a_rule_and_answers_held_out_items(tiny, tokenizer, tmp_path):
         return sum(generate(model, tok, [{"role": "user", "content": s}], max_tokens=2)
                    == s[-1] for s in items)
 
-    print("BEFORE", correct(held_out))
     assert correct(held_out) <= 8
     result = train(model, tok, {"train": last_letter_dataset(tok, train_items), "valid": None},
                    adapter_path=tmp_path / "adapters", lora=LoRAConfig(rank=8, alpha=16),
                    config=TrainingConfig(iters=120, batch_size=8, learning_rate=1e-3,
                                          lr_schedule="constant", warmup_steps=10,
                                          weight_decay=0.0, max_grad_norm=None))
-    print("LEARN", correct(held_out), np.mean(result.train_losses[-10:]), result.train_losses[::20])
     assert np.mean(result.train_losses[-10:]) < 0.15, result.train_losses[-10:]
     assert correct(held_out) >= 15
 
@@ -496,6 +496,13 @@ def test_adapter_round_trip_and_mlx_lm_reads_it(tiny, tmp_path):
     assert mx.array_equal(again(ids), expected)
     saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert saved["lora_parameters"]["scale"] == 3.0 and saved["qwen2_mlx"]["alpha"] == 12
+    # A model with loaded adapters describes them again exactly (training it further keeps
+    # the adapter config right without being told).
+    inferred = lora_config_of(again)
+    assert (inferred.rank, inferred.scale, inferred.num_layers) == (4, 3.0, 1)
+    assert set(inferred.targets) == set(saved["lora_parameters"]["keys"]) == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.up_proj"}
 
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     from mlx_lm.tuner.utils import load_adapters

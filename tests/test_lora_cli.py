@@ -55,6 +55,19 @@ def test_lora_then_fuse_gives_a_model_load_reads(runner, tiny, tmp_path):
                                 "--save-path", str(fused)])
     assert again.exit_code == 1 and "--force" in again.stderr
 
+    # The adapter applied unfused: through load() and through `generate --adapter-path`.
+    unfused, tokenizer = load(tiny, adapter_path=adapters)
+    assert mx.abs(unfused(IDS) - expected).max().item() <= 1e-5 * mx.abs(expected).max().item()
+    args = ["--prompt", "hi", "--max-tokens", "6", "--temp", "0", "--repetition-penalty", "1"]
+    via_adapter = runner.invoke(cli, ["generate", "-m", str(tiny), "--adapter-path",
+                                      str(adapters), *args])
+    via_fused = runner.invoke(cli, ["generate", "-m", str(fused), *args])
+    assert via_adapter.exit_code == 0, via_adapter.output
+    assert via_adapter.stdout == via_fused.stdout
+    missing = runner.invoke(cli, ["generate", "-m", str(tiny), "--adapter-path",
+                                  str(tmp_path / "nope"), *args])
+    assert missing.exit_code == 1 and "nope" in missing.stderr
+
 
 def test_qlora_on_a_converted_4bit_model_fuses_to_a_4bit_model(runner, tiny, tmp_path):
     """`convert -q` -> `lora` on the 4-bit model -> `fuse` (re-quantized) -> `load`. The

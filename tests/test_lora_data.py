@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lora_tasks import write_jsonl
 
 from qwen2_mlx.chat import render_chat
 from qwen2_mlx.lora.data import (
@@ -19,6 +18,8 @@ from qwen2_mlx.lora.data import (
     make_batch,
 )
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
+
+from lora_tasks import write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def source_packages() -> set[str]:
+    """Every package folder in the checkout, named where it lands in site-packages."""
+    mapping = {"qwen2_mlx": "qwen2_mlx", "convert": "qwen2_mlx/convert",
+               "metal_kernels": "qwen2_mlx/metal_kernels", "cli": "qwen2_mlx/cli"}
+    found = set()
+    for folder, target in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).as_posix()
+            found.add(target if relative == "." else f"{target}/{relative}")
+    return found
+
+
 def test_wheel_maps_sibling_folders_under_qwen2_mlx(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
@@ -17,6 +29,8 @@ def test_wheel_maps_sibling_folders_under_qwen2_mlx(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"qwen2_mlx", wheel.name.split("-py")[0] + ".dist-info"}, top
+    shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
+    assert shipped == source_packages(), "pyproject's packages list is out of date"
     for module in ("qwen2_mlx/cli/main.py", "qwen2_mlx/convert/__init__.py",
                    "qwen2_mlx/metal_kernels/attention.py", "qwen2_mlx/model.py"):
         assert module in names, module

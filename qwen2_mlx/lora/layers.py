@@ -356,6 +356,28 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     return wrapped
 
 
+def lora_config_of(model: nn.Module) -> LoRAConfig:
+    """The LoRAConfig that describes the adapters already in `model` (e.g. after
+    `load_adapter`): rank, scale, dropout and DoRA from the layers, the adapted paths as
+    targets, and the adapted blocks as num_layers."""
+    adapted: dict[int, list[str]] = {}
+    for i, block in enumerate(_blocks(model)):
+        paths = [name for name, m in block.named_modules() if isinstance(m, LoRAAdapter)]
+        if paths:
+            adapted[i] = paths
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters")
+    first = layers[0]
+    rank = first.lora_a.shape[-1] if isinstance(first, LoRALinear) else first.lora_a.shape[1]
+    targets = tuple(dict.fromkeys(p for paths in adapted.values() for p in paths))
+    config = LoRAConfig(rank=rank, alpha=first.scale * rank, dropout=first.dropout,
+                        targets=targets, num_layers=len(_blocks(model)) - min(adapted),
+                        dora=any(layer.is_dora for layer in layers))
+    config.scale = first.scale
+    return config
+
+
 def remove_lora(model: nn.Module) -> nn.Module:
     """Put the original base layers back (adapters discarded, nothing merged)."""
     updates = [(name, m.base) for name, m in model.named_modules()

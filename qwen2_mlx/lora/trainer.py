@@ -30,7 +30,6 @@ from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from qwen2_mlx.lora.adapters import (
     ADAPTER_FILE,
-    CONFIG_FILE,
     load_adapter_weights,
     load_training_state,
     read_adapter_config,
@@ -41,7 +40,13 @@ from qwen2_mlx.lora.adapters import (
 )
 from qwen2_mlx.lora.data import Batch, BatchSchedule, Dataset, load_datasets
 from qwen2_mlx.lora.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
-from qwen2_mlx.lora.layers import LoRAConfig, apply_lora, lora_layers, trainable_parameter_count
+from qwen2_mlx.lora.layers import (
+    LoRAConfig,
+    apply_lora,
+    lora_config_of,
+    lora_layers,
+    trainable_parameter_count,
+)
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -294,8 +299,10 @@ def train(
         resume_file, resume_config_file = resolve_adapter_files(resume_adapter_file)
         if lora is None:
             lora, _ = read_adapter_config(resume_config_file)
-    lora = lora or LoRAConfig()
-    if not lora_layers(model):
+    if lora_layers(model):
+        lora = lora or lora_config_of(model)
+    else:
+        lora = lora or LoRAConfig()
         mx.random.seed(config.seed)
         apply_lora(model, lora)
     trainable, total = trainable_parameter_count(model)
@@ -445,7 +452,6 @@ def train(
 
 
 __all__ = [
-    "CONFIG_FILE",
     "TrainingConfig",
     "TrainingDivergedError",
     "TrainingProgress",

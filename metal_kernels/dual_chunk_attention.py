@@ -14,6 +14,11 @@ position t lies in chunk t // L (chunks are aligned to position 0).
 * Memory: queries are tiled (tiles never cross a chunk boundary) and every part is blocked over
   keys, so the largest score block is about ``query_tile * key_block`` floats per head; a full
   Tq x Tk score matrix is never built.
+
+``dual_chunk_attention`` is the dispatch the model calls: where kernels are on (dispatch.py) and
+the shapes fit, it runs the Metal kernels (decode: gqa_decode.py with the three query copies;
+prefill: dca_prefill.py); otherwise ``dual_chunk_attention_reference``, the pure-MLX
+implementation above, which is also what the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -26,7 +31,19 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
-from qwen2_mlx.rope import apply_rotary
+from qwen2_mlx.metal_kernels.dca_prefill import dca_prefill
+from qwen2_mlx.metal_kernels.dispatch import (
+    Backend,
+    check_close,
+    dtype_tolerance,
+    select_backend,
+)
+from qwen2_mlx.metal_kernels.gqa_decode import (
+    SUPPORTED_DTYPES,
+    decode_shape_supported,
+    gqa_decode,
+)
+from qwen2_mlx.metal_kernels.rotary import apply_rotary
 
 __all__ = [
     "DualChunkConfig",
@@ -35,6 +52,7 @@ __all__ = [
     "dca_write_keys",
     "distance_matrix",
     "dual_chunk_attention",
+    "dual_chunk_attention_reference",
     "key_positions",
     "length_temperature",
     "merge_attention_partials",
@@ -331,7 +349,7 @@ def _check_attention_inputs(
         raise ValueError(f"key_block must be a positive int, got {key_block!r}")
 
 
-def dual_chunk_attention(
+def dual_chunk_attention_reference(
     queries: mx.array,
     keys: mx.array,
     values: mx.array,
@@ -429,3 +447,123 @@ def dual_chunk_attention(
 
     out = tiles[0] if len(tiles) == 1 else mx.concatenate(tiles, axis=3)
     return out.reshape(batch, q_heads, q_len, values.shape[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch: Metal kernels where they are on and fit, else the reference above.
+# ---------------------------------------------------------------------------------------------
+
+DECODE_KERNEL = "dca_decode"
+PREFILL_KERNEL = "dca_prefill"
+
+
+def dual_chunk_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    q_start: int,
+    cfg: DualChunkConfig,
+    inv_freq: mx.array,
+    scale: float,
+    q_temperature: float = 1.0,
+    query_tile: int = 512,
+    key_block: int = 4096,
+) -> mx.array:
+    """Dual Chunk Attention; same arguments and result as ``dual_chunk_attention_reference``.
+
+    Runs the DCA Metal kernels (decode for one query token, prefill tiles otherwise) where
+    kernels are on and the head geometry fits (head_dim 32/64/96/128, G * head_dim <= 1024,
+    float32/float16/bfloat16); ``query_tile`` and ``key_block`` only shape the reference.
+    """
+    _check_attention_inputs(queries, keys, values, q_start, inv_freq, query_tile, key_block)
+    if _kernel_fits(queries, keys, values):
+        name = DECODE_KERNEL if queries.shape[2] == 1 else PREFILL_KERNEL
+        variant = (queries.dtype, keys.dtype, queries.shape[3], queries.shape[1] // keys.shape[1])
+        backend = select_backend(name, variant, lambda b: _self_check(b, name, variant))
+        if backend is not None:
+            return dual_chunk_attention_kernel(
+                backend, queries, keys, values, q_start=q_start, cfg=cfg, inv_freq=inv_freq,
+                scale=scale, q_temperature=q_temperature,
+            )
+    return dual_chunk_attention_reference(
+        queries, keys, values, q_start=q_start, cfg=cfg, inv_freq=inv_freq, scale=scale,
+        q_temperature=q_temperature, query_tile=query_tile, key_block=key_block,
+    )
+
+
+def _kernel_fits(queries: mx.array, keys: mx.array, values: mx.array) -> bool:
+    if any(a.dtype not in SUPPORTED_DTYPES for a in (queries, keys, values)):
+        return False
+    if values.shape[3] != queries.shape[3]:
+        return False
+    return decode_shape_supported(queries.shape[3], queries.shape[1] // keys.shape[1])
+
+
+def dual_chunk_attention_kernel(
+    backend: Backend,
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    *,
+    q_start: int,
+    cfg: DualChunkConfig,
+    inv_freq: mx.array,
+    scale: float,
+    q_temperature: float = 1.0,
+    block_keys: int | None = None,
+) -> mx.array:
+    """The kernel path of ``dual_chunk_attention`` on `backend` (no dispatch, no checks).
+
+    The three rotated query copies are made here in float32, as the reference makes them;
+    ``block_keys`` sets the decode kernel's keys per simdgroup (None: its default).
+    """
+    batch, q_heads, q_len, head_dim = queries.shape
+    chunk_len = cfg.chunk_len
+    positions = mx.arange(q_start, q_start + q_len, dtype=mx.int32)
+    intra = positions % chunk_len
+    succ = mx.minimum(intra + chunk_len, cfg.chunk_size)
+    inter = mx.full((q_len,), cfg.inter_query_position, dtype=mx.int32)
+    q32 = queries.astype(mx.float32)
+    copies = [apply_rotary(q32, p, inv_freq) for p in (intra, succ, inter)]
+    softmax_scale = scale * q_temperature
+    if q_len == 1:
+        # Decode (spec §4.3): keys [cL, n) intra, [(c-1)L, cL) successive, [0, (c-1)L) inter.
+        chunk = q_start // chunk_len
+        q_parts = mx.stack(copies, axis=2).reshape(batch * q_heads, 3, head_dim)
+        out = gqa_decode(
+            backend, q_parts, keys, values, scale=softmax_scale, out_dtype=queries.dtype,
+            intra_lo=chunk * chunk_len, succ_lo=max(chunk - 1, 0) * chunk_len,
+            block_keys=block_keys,
+        )
+        return out.reshape(batch, q_heads, 1, head_dim)
+    return dca_prefill(
+        backend, mx.stack(copies, axis=0), keys, values, q_start=q_start, chunk_len=chunk_len,
+        scale=softmax_scale, out_dtype=queries.dtype,
+    )
+
+
+def _self_check(backend: Backend, name: str, variant: tuple) -> None:
+    """A 40-token cache over four chunks (C=16, W=4): decode at the last position, or a
+    13-row prefill crossing a chunk boundary, against the reference in float32."""
+    q_dtype, kv_dtype, head_dim, group = variant
+    cfg = DualChunkConfig(16, 4, 8)
+    n_keys = 40
+    q_len = 1 if name == DECODE_KERNEL else 13
+    kq, kk, kv = mx.random.split(mx.random.key(4321), 3)
+    queries = mx.random.normal((1, group, q_len, head_dim), key=kq).astype(q_dtype)
+    keys = mx.random.normal((1, 1, n_keys, head_dim), key=kk).astype(kv_dtype)
+    values = mx.random.normal((1, 1, n_keys, head_dim), key=kv).astype(kv_dtype)
+    inv_freq = 1.0 / (10000.0 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+    args = dict(q_start=n_keys - q_len, cfg=cfg, inv_freq=inv_freq, scale=head_dim**-0.5,
+                q_temperature=1.1)
+    f32 = mx.float32
+    expected = dual_chunk_attention_reference(
+        queries.astype(f32), keys.astype(f32), values.astype(f32), **args
+    )
+    tolerance = max(dtype_tolerance(q_dtype), dtype_tolerance(kv_dtype))
+    for block_keys in ((None, 16) if q_len == 1 else (None,)):
+        got = dual_chunk_attention_kernel(backend, queries, keys, values, block_keys=block_keys,
+                                          **args)
+        mx.eval(got)
+        check_close(f"{name} {variant}", got, expected, tolerance)
