@@ -52,6 +52,7 @@ __all__ = [
     "dca_write_keys",
     "distance_matrix",
     "dual_chunk_attention",
+    "dual_chunk_attention_kernel",
     "dual_chunk_attention_reference",
     "key_positions",
     "length_temperature",
@@ -455,6 +456,7 @@ def dual_chunk_attention_reference(
 
 DECODE_KERNEL = "dca_decode"
 PREFILL_KERNEL = "dca_prefill"
+PREFILL_ROWS_PER_LAUNCH = 2048
 
 
 def dual_chunk_attention(
@@ -520,16 +522,11 @@ def dual_chunk_attention_kernel(
     """
     batch, q_heads, q_len, head_dim = queries.shape
     chunk_len = cfg.chunk_len
-    positions = mx.arange(q_start, q_start + q_len, dtype=mx.int32)
-    intra = positions % chunk_len
-    succ = mx.minimum(intra + chunk_len, cfg.chunk_size)
-    inter = mx.full((q_len,), cfg.inter_query_position, dtype=mx.int32)
-    q32 = queries.astype(mx.float32)
-    copies = [apply_rotary(q32, p, inv_freq) for p in (intra, succ, inter)]
     softmax_scale = scale * q_temperature
     if q_len == 1:
         # Decode (spec §4.3): keys [cL, n) intra, [(c-1)L, cL) successive, [0, (c-1)L) inter.
         chunk = q_start // chunk_len
+        copies = _rotated_copies(queries, q_start, cfg, inv_freq)
         q_parts = mx.stack(copies, axis=2).reshape(batch * q_heads, 3, head_dim)
         out = gqa_decode(
             backend, q_parts, keys, values, scale=softmax_scale, out_dtype=queries.dtype,
@@ -537,10 +534,33 @@ def dual_chunk_attention_kernel(
             block_keys=block_keys,
         )
         return out.reshape(batch, q_heads, 1, head_dim)
-    return dca_prefill(
-        backend, mx.stack(copies, axis=0), keys, values, q_start=q_start, chunk_len=chunk_len,
-        scale=softmax_scale, out_dtype=queries.dtype,
-    )
+    # Prefill in launches of at most PREFILL_ROWS_PER_LAUNCH query rows: the float32 query
+    # copies of a 131K-token prompt would not fit in memory at once.
+    outs = []
+    for lo in range(0, q_len, PREFILL_ROWS_PER_LAUNCH):
+        hi = min(lo + PREFILL_ROWS_PER_LAUNCH, q_len)
+        copies = _rotated_copies(queries[:, :, lo:hi], q_start + lo, cfg, inv_freq)
+        out = dca_prefill(
+            backend, mx.stack(copies, axis=0), keys, values, q_start=q_start + lo,
+            chunk_len=chunk_len, scale=softmax_scale, out_dtype=queries.dtype,
+        )
+        if hi < q_len:
+            mx.eval(out)  # as the reference does per tile: do not keep every launch's copies
+        outs.append(out)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+def _rotated_copies(
+    queries: mx.array, q_start: int, cfg: DualChunkConfig, inv_freq: mx.array
+) -> list[mx.array]:
+    """The intra, successive and inter-chunk rotations of queries at q_start.. (float32)."""
+    q_len = queries.shape[2]
+    positions = mx.arange(q_start, q_start + q_len, dtype=mx.int32)
+    intra = positions % cfg.chunk_len
+    succ = mx.minimum(intra + cfg.chunk_len, cfg.chunk_size)
+    inter = mx.full((q_len,), cfg.inter_query_position, dtype=mx.int32)
+    q32 = queries.astype(mx.float32)
+    return [apply_rotary(q32, p, inv_freq) for p in (intra, succ, inter)]
 
 
 def _self_check(backend: Backend, name: str, variant: tuple) -> None:

@@ -51,7 +51,7 @@ _PRELUDE = """
   const int intra_lo = params[2];
   const int succ_lo = params[3];
   const int n_blocks = (n_keys + block_keys - 1) / block_keys;
-  const int n_kv = KV_HEADS_EXPR;
+  const int n_kv = k_shape[1];
   const int64_t b = bh / n_kv;
   const int64_t kvh = bh % n_kv;
   const int lo = block * block_keys;
@@ -184,14 +184,14 @@ DECODE = KernelProgram(
     "qwen2_gqa_decode",
     ["q", "k", "v", "params", "scale"],
     _OUTPUTS,
-    _PRELUDE.replace("KV_HEADS_EXPR", "k_shape[1]").replace("LOAD_ROWS", _LOAD_PLAIN),
+    _PRELUDE.replace("LOAD_ROWS", _LOAD_PLAIN),
     ensure_row_contiguous=False,
 )
 DECODE_QUANTIZED = KernelProgram(
     "qwen2_gqa_decode_quantized",
     ["q", "k", "k_scales", "k_biases", "v", "v_scales", "v_biases", "params", "scale"],
     _OUTPUTS,
-    _PRELUDE.replace("KV_HEADS_EXPR", "k_shape[1]").replace("LOAD_ROWS", _LOAD_QUANTIZED),
+    _PRELUDE.replace("LOAD_ROWS", _LOAD_QUANTIZED),
     ensure_row_contiguous=False,
 )
 COMBINE = KernelProgram("qwen2_gqa_decode_combine", ["o", "row_max", "row_sum", "params"],
@@ -241,7 +241,7 @@ def gqa_decode(
     quantized = bits != 0
     k0 = keys[0] if quantized else keys
     batch, kv_heads, n_keys = k0.shape[:3]
-    rows, parts, head_dim = q.shape
+    rows, _, head_dim = q.shape
     group = rows // (batch * kv_heads)
     if block_keys is None:
         block_keys = default_block_keys(n_keys, batch * kv_heads)

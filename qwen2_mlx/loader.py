@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.moe import cast_experts_for_backend
 
 # What a model directory needs; nothing else (e.g. *.bin or *.gguf) is downloaded.
 MODEL_FILE_PATTERNS = [
@@ -292,6 +293,9 @@ def load_model(model_path: Path, dtype: str | mx.Dtype | None = None) -> Model:
         }
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=True)
+    # MLX's CPU gather_mm is float32-only: keep half-precision experts in float32 there,
+    # once, instead of casting the selected experts at every step.
+    cast_experts_for_backend(model)
     mx.eval(model.parameters())
     model.eval()
     return model

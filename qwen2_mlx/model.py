@@ -18,7 +18,7 @@ from qwen2_mlx.cache import KVCache, QuantizedKVCache
 from qwen2_mlx.long_context import LongContext, resolve_long_context, with_long_context
 from qwen2_mlx.metal_kernels.attention import scaled_dot_product_attention
 from qwen2_mlx.metal_kernels.dual_chunk_attention import dca_write_keys, dual_chunk_attention
-from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, stack_expert_weights
+from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, moe_quant_predicate, stack_expert_weights
 from qwen2_mlx.rope import RoPE
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
@@ -400,6 +400,12 @@ class Model(nn.Module):
         _ = self.config.long_context  # validate before touching the layers
         for layer in self.layers:
             layer.self_attn.set_positions(self.config)
+
+    @property
+    def quant_predicate(self):
+        """Which layers the converter may quantize: the MoE router and shared-expert gate
+        stay in float (a rounded router picks different experts)."""
+        return moe_quant_predicate if self.config.model_type == "qwen2_moe" else None
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop tensors Hugging Face checkpoints carry that the model does not use, and stack

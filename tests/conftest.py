@@ -64,9 +64,26 @@ def make_hf_checkpoint(
         eos_token_id=vocab_size - 1,
         **config_kwargs,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    out_dir = save_reference_model(Qwen2ForCausalLM(config), out_dir, dtype)
+    if extra_config:
+        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg.update(extra_config)
+        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer:
+        build_tiny_tokenizer_files(out_dir, vocab_size=vocab_size)
+    return out_dir
+
+
+def save_reference_model(model, out_dir: Path, dtype: str):
+    """Randomise a transformers model's norm weights and biases, cast it, `save_pretrained`.
+
+    Random norms and biases (not transformers' 1s and 0s) so a mistake in either shows.
+    Returns the model in `dtype`, saved in `out_dir`.
+    """
+    import torch
+
+    model = model.eval()
     with torch.no_grad():
-        # Random norm weights and biases too, so a mistake in either cannot hide behind 1s/0s.
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
@@ -75,12 +92,6 @@ def make_hf_checkpoint(
     model = model.to(getattr(torch, dtype))
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    if extra_config:
-        cfg = json.loads((out_dir / "config.json").read_text())
-        cfg.update(extra_config)
-        (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer:
-        build_tiny_tokenizer_files(out_dir, vocab_size=vocab_size)
     return out_dir
 
 

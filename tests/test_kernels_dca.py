@@ -37,10 +37,10 @@ QWEN2_GEOMETRY = {"0.5B": (14, 2, 64), "1.5B": (12, 2, 128), "7B": (28, 4, 128),
 CFG = DualChunkConfig(chunk_size=16, local_size=4, original_max_position_embeddings=8)  # L = 12
 
 
-def inputs(q_heads, kv_heads, dim, q_len, k_len, dtype, seed=0, spare=0):
+def inputs(q_heads, kv_heads, dim, q_len, k_len, dtype, seed=0, spare=0, batch=1):
     r = np.random.default_rng(seed)
-    q = mx.array(r.standard_normal((1, q_heads, q_len, dim)), mx.float32).astype(dtype)
-    shape = (1, kv_heads, k_len + spare, dim)
+    q = mx.array(r.standard_normal((batch, q_heads, q_len, dim)), mx.float32).astype(dtype)
+    shape = (batch, kv_heads, k_len + spare, dim)
     k = mx.array(r.standard_normal(shape), mx.float32).astype(dtype)[:, :, :k_len]
     v = mx.array(r.standard_normal(shape), mx.float32).astype(dtype)[:, :, :k_len]
     inv_freq = 1.0 / (1e6 ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))
@@ -86,6 +86,19 @@ def test_prefill_qwen2_geometry(model):
 def test_chunked_prefill_shapes(q_len, k_len):
     """Row counts that are not multiples of the tile, starts inside a chunk, strided K/V."""
     q, k, v, inv_freq = inputs(6, 2, 64, q_len, k_len, mx.float32, seed=q_len, spare=4)
+    compare(q, k, v, inv_freq)
+
+
+@pytest.mark.parametrize("q_len", [1, 11])
+def test_batch_of_two(q_len):
+    q, k, v, inv_freq = inputs(14, 2, 64, q_len, 30, mx.float32, seed=8, spare=2, batch=2)
+    compare(q, k, v, inv_freq, block_keys=8 if q_len == 1 else None)
+
+
+def test_long_prefill_runs_in_several_launches(monkeypatch):
+    """Prompts longer than one launch are split by rows (each launch its own q_start)."""
+    monkeypatch.setattr(dca_module, "PREFILL_ROWS_PER_LAUNCH", 8)
+    q, k, v, inv_freq = inputs(7, 1, 64, 21, 33, mx.float32, seed=7)
     compare(q, k, v, inv_freq)
 
 

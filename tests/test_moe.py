@@ -30,6 +30,7 @@ from qwen2_mlx.moe import (
 )
 from qwen2_mlx.sampling import SamplingParams
 
+from conftest import save_reference_model
 from tokenizer_fixture import build_tiny_tokenizer_files
 
 VOCAB = 512
@@ -79,17 +80,9 @@ def make_hf_moe_checkpoint(
         rope_theta=10000.0, max_position_embeddings=4096, initializer_range=0.2,
         router_aux_loss_coef=0.02, eos_token_id=VOCAB - 1,
     )
-    model = Qwen2MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-    model = model.to(getattr(torch, dtype))
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    if fused_layout:
+    model = Qwen2MoeForCausalLM(config)
+    out_dir = save_reference_model(model, out_dir, dtype)
+    if fused_layout:  # save_reference_model randomised and cast `model` in place
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if tie:
             state.pop("lm_head.weight")
@@ -209,16 +202,15 @@ def test_bfloat16_logits_as_close_as_torch_bfloat16(moe_checkpoint):
         ref32 = load_torch_moe(path, "float32")(torch.tensor(ids)).logits.numpy()
         ref16 = load_torch_moe(path)(torch.tensor(ids)).logits.float().numpy()
     model = load_model(path)
-    assert model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype == mx.bfloat16
+    # The loader stores the experts once in their compute dtype (float32 on the CPU backend,
+    # where gather_mm is float32-only); everything else stays bf16 as on disk.
+    compute = moe.experts_compute_dtype(mx.bfloat16)
+    assert model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype == compute
+    assert model.model.embed_tokens.weight.dtype == mx.bfloat16
+    assert cast_experts_for_backend(model) == 0  # already done, nothing left to cast
     ours = np.array(model(mx.array(ids)).astype(mx.float32))
     assert np.abs(ours - ref32).max() <= 1.5 * np.abs(ref16 - ref32).max()
     assert (ours.argmax(-1) == ref16.argmax(-1)).mean() >= 0.95
-    # Storing the experts in their compute dtype once changes the speed, not the numbers.
-    compute = moe.experts_compute_dtype(mx.bfloat16)
-    assert cast_experts_for_backend(model) == (0 if compute == mx.bfloat16 else 6)
-    assert model.layers[0].mlp.switch_mlp.gate_proj.weight.dtype == compute
-    assert model.model.embed_tokens.weight.dtype == mx.bfloat16
-    np.testing.assert_array_equal(np.array(model(mx.array(ids)).astype(mx.float32)), ours)
 
 
 # --- Router auxiliary loss ------------------------------------------------------------------
@@ -525,17 +517,17 @@ def mlx_lm_logits(path: Path, ids: mx.array) -> np.ndarray:
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_converted_quantized_moe_round_trip(interop_source, tmp_path, bits):
-    """`qwen2_mlx.convert` a MoE checkpoint (router kept in float): it loads with exactly the
-    dequantized weights' logits, and mlx-lm loads the same directory to the same logits."""
+    """`qwen2_mlx.convert` a MoE checkpoint with the default settings: the model's own
+    `quant_predicate` keeps the router and shared-expert gate in float; it loads with exactly
+    the dequantized weights' logits, and mlx-lm loads the same directory to the same logits."""
     from qwen2_mlx.convert import convert
 
     out = tmp_path / f"q{bits}"
-    convert(interop_source, out, quantize=True, q_bits=bits, q_group_size=32,
-            quant_predicate=moe_quant_predicate, log=None)
+    convert(interop_source, out, quantize=True, q_bits=bits, q_group_size=32, log=None)
     model = load_model(out)
     block = model.layers[0].mlp
-    assert type(block.gate) is nn.Linear and isinstance(block.switch_mlp.up_proj,
-                                                        QuantizedSwitchLinear)
+    assert type(block.gate) is nn.Linear and type(block.shared_expert_gate) is nn.Linear
+    assert isinstance(block.switch_mlp.up_proj, QuantizedSwitchLinear)
     ids = mx.array(prompt_ids(10, (1, 16)))
     ours = np.array(model(ids))
     reference = dequantized_reference(interop_source, model, 32)
@@ -563,3 +555,14 @@ def test_model_parameter_names_are_mlx_lm_layout():
                                 "switch_mlp.gate_proj.weight", "switch_mlp.up_proj.weight",
                                 "switch_mlp.down_proj.weight",
                                 "shared_expert.down_proj.weight")} <= names
+
+
+def test_moe_sliding_layers_follow_qwen2_moe_config():
+    """Qwen2MoeConfig's own sliding rule (not the dense one), checked against transformers."""
+    from transformers import Qwen2MoeConfig
+
+    kwargs = dict(num_hidden_layers=5, use_sliding_window=True, sliding_window=8,
+                  max_window_layers=3)
+    ours = moe_config(**kwargs).layer_types
+    assert ours == Qwen2MoeConfig(**kwargs).layer_types
+    assert "sliding_attention" in ours and "full_attention" in ours

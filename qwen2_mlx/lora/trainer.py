@@ -231,22 +231,103 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 4,
     return total / max(count, 1)
 
 
-def _micro_seed(seed: int, index: int) -> int:
+# ------------------------------------------------------------------------------------------
+# Pieces of the training loop, public so that other trainers (qwen2_mlx.dpo) share them.
+
+
+def micro_seed(seed: int, index: int) -> int:
+    """The MLX seed for micro-batch `index` of a run seeded with `seed` (dropout masks are a
+    function of (seed, index), so a resumed run draws the masks a straight run would)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _grad_norm(grads) -> mx.array:
+def gradient_norm(grads) -> mx.array:
+    """Global L2 norm of a gradient tree, in float32."""
     return mx.sqrt(tree_reduce(lambda acc, g: acc + (g.astype(mx.float32) ** 2).sum(), grads,
                                mx.array(0.0)))
 
 
-def _restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict) -> None:
+def finish_gradients(grads, count: int, max_grad_norm: float | None):
+    """(grads / count, clipped to `max_grad_norm` when given; the norm before clipping).
+
+    `grads` are the summed gradients of `count` loss terms (tokens, preference pairs), so the
+    result is the gradient of their mean over all micro-batches.
+    """
+    grads = tree_map(lambda g: g / count, grads)
+    if max_grad_norm is not None:
+        return optim.clip_grad_norm(grads, max_grad_norm)
+    return grads, gradient_norm(grads)
+
+
+def check_finite(step: int, loss: float, norm: float, last_saved: int,
+                 adapter_path: Path) -> None:
+    """Raise TrainingDivergedError when the loss or gradient norm of `step` is NaN/inf."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    where = (f"the last checkpoint is step {last_saved} in {adapter_path}"
+             if last_saved >= 0 else "no adapter was saved")
+    raise TrainingDivergedError(
+        f"training diverged at step {step}: loss {loss}, gradient norm {norm}; nothing was "
+        f"written for this step ({where}). Lower the learning rate, or train in "
+        "float32/bfloat16 instead of float16.")
+
+
+def restore_optimizer(optimizer: optim.Optimizer, model: nn.Module, flat: dict) -> None:
     optimizer.init(model.trainable_parameters())
     expected = dict(tree_flatten(optimizer.state))
     if set(flat) != set(expected):
         raise ValueError("the training state does not match the adapters being trained "
                          "(different targets, rank or optimizer); resume with the same settings")
     optimizer.state = tree_unflatten(list(flat.items()))
+
+
+def prepare_adapters(model: nn.Module, lora: LoRAConfig | None, seed: int,
+                     resume_adapter_file: str | os.PathLike | None = None,
+                     ) -> tuple[LoRAConfig, Path | None]:
+    """Give `model` LoRA layers to train: keep the ones it has, or add them from `lora` (read
+    from the checkpoint's adapter_config.json when resuming without one). Returns the
+    adapters' config and the adapter file to resume from (None for a fresh run)."""
+    resume_file = None
+    if resume_adapter_file is not None:
+        resume_file, resume_config_file = resolve_adapter_files(resume_adapter_file)
+        if lora is None:
+            lora, _ = read_adapter_config(resume_config_file)
+    if lora_layers(model):
+        lora = lora or lora_config_of(model)
+    else:
+        lora = lora or LoRAConfig()
+        mx.random.seed(seed)
+        apply_lora(model, lora)
+    return lora, resume_file
+
+
+def resume_checkpoint(model: nn.Module, optimizer: optim.Optimizer, resume_file: Path) -> int:
+    """Load the adapter weights of `resume_file` and its optimizer state; returns its step."""
+    saved_step = load_adapter_weights(model, resume_file)
+    state_file = state_file_for(resume_file)
+    if not state_file.is_file():
+        warnings.warn(f"{state_file} not found: resuming from the adapter weights with a "
+                      "fresh optimizer at step 0", stacklevel=3)
+        return 0
+    flat, step = load_training_state(state_file)
+    if saved_step is not None and saved_step != step:
+        raise ValueError(f"{resume_file} is from step {saved_step} but {state_file} "
+                         f"from step {step}: the checkpoint pair is torn")
+    restore_optimizer(optimizer, model, flat)
+    return step
+
+
+def save_checkpoint(model: nn.Module, optimizer: optim.Optimizer, adapter_path: Path,
+                    lora: LoRAConfig, step: int, *, numbered: bool,
+                    extra: dict | None = None) -> Path:
+    """Write adapters.safetensors + training_state.safetensors (and the numbered pair
+    ``0000100_*`` when `numbered`) with adapter_config.json; returns adapters.safetensors."""
+    names = [f"{step:07d}_{ADAPTER_FILE}"] if numbered else []
+    for name in names + [ADAPTER_FILE]:
+        adapter_file = adapter_path / name
+        save_training_state(state_file_for(adapter_file), optimizer.state, step)
+        save_adapter(model, adapter_path, lora, file_name=name, step=step, extra=extra)
+    return adapter_path / ADAPTER_FILE
 
 
 def train(
@@ -294,17 +375,7 @@ def train(
                                  mask_prompt=config.mask_prompt, chat=config.chat)
     train_set, valid_set = datasets["train"], datasets.get("valid")
 
-    resume_file = None
-    if resume_adapter_file is not None:
-        resume_file, resume_config_file = resolve_adapter_files(resume_adapter_file)
-        if lora is None:
-            lora, _ = read_adapter_config(resume_config_file)
-    if lora_layers(model):
-        lora = lora or lora_config_of(model)
-    else:
-        lora = lora or LoRAConfig()
-        mx.random.seed(config.seed)
-        apply_lora(model, lora)
+    lora, resume_file = prepare_adapters(model, lora, config.seed, resume_adapter_file)
     trainable, total = trainable_parameter_count(model)
     if trainable == 0:
         raise ValueError("the model has no trainable adapter parameters")
@@ -312,17 +383,7 @@ def train(
     optimizer = build_optimizer(config)
     start_step = 0
     if resume_file is not None:
-        saved_step = load_adapter_weights(model, resume_file)
-        state_file = state_file_for(resume_file)
-        if state_file.is_file():
-            flat, start_step = load_training_state(state_file)
-            if saved_step is not None and saved_step != start_step:
-                raise ValueError(f"{resume_file} is from step {saved_step} but {state_file} "
-                                 f"from step {start_step}: the checkpoint pair is torn")
-            _restore_optimizer(optimizer, model, flat)
-        else:
-            warnings.warn(f"{state_file} not found: resuming from the adapter weights with a "
-                          "fresh optimizer at step 0", stacklevel=2)
+        start_step = resume_checkpoint(model, optimizer, resume_file)
     if start_step > config.iters:
         raise ValueError(f"the checkpoint is at step {start_step}, past iters={config.iters}")
 
@@ -338,13 +399,9 @@ def train(
 
     def save(step: int, numbered: bool) -> Path:
         nonlocal last_saved
-        names = [f"{step:07d}_{ADAPTER_FILE}"] if numbered else []
-        for name in names + [ADAPTER_FILE]:
-            adapter_file = adapter_path / name
-            save_training_state(state_file_for(adapter_file), optimizer.state, step)
-            save_adapter(model, adapter_path, lora, file_name=name, step=step, extra=extra)
+        result.adapter_file = save_checkpoint(model, optimizer, adapter_path, lora, step,
+                                              numbered=numbered, extra=extra)
         last_saved = step
-        result.adapter_file = adapter_path / ADAPTER_FILE
         emit(TrainingProgress("checkpoint", step, config.iters, checkpoint=result.adapter_file,
                               peak_memory_gb=mx.get_peak_memory() / 1e9))
         return result.adapter_file
@@ -368,7 +425,7 @@ def train(
             for micro in range(config.grad_accumulation_steps):
                 index = (step - 1) * config.grad_accumulation_steps + micro
                 batch = schedule.batch(index)
-                mx.random.seed(_micro_seed(config.seed, index))
+                mx.random.seed(micro_seed(config.seed, index))
                 loss, g = loss_and_grad(model, batch)
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum = loss_sum + loss
@@ -378,21 +435,11 @@ def train(
             if count == 0:
                 raise ValueError(f"step {step}: the batches hold no trained token (all were "
                                  "truncated away); raise max_seq_length")
-            grads = tree_map(lambda g, n=count: g / n, grads)
-            if config.max_grad_norm is not None:
-                grads, norm = optim.clip_grad_norm(grads, config.max_grad_norm)
-            else:
-                norm = _grad_norm(grads)
+            grads, norm = finish_gradients(grads, count, config.max_grad_norm)
             loss = loss_sum / count
             mx.eval(loss, norm, grads)
             loss_value, norm_value = loss.item(), norm.item()
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                where = (f"the last checkpoint is step {last_saved} in {adapter_path}"
-                         if last_saved >= 0 else "no adapter was saved")
-                raise TrainingDivergedError(
-                    f"training diverged at step {step}: loss {loss_value}, gradient norm "
-                    f"{norm_value}; nothing was written for this step ({where}). Lower the "
-                    "learning rate, or train in float32/bfloat16 instead of float16.")
+            check_finite(step, loss_value, norm_value, last_saved, adapter_path)
             optimizer.update(model, grads)
             mx.eval(model.trainable_parameters(), optimizer.state)
             elapsed = time.perf_counter() - tic
@@ -458,8 +505,16 @@ __all__ = [
     "TrainingResult",
     "batch_loss_sum",
     "build_optimizer",
+    "check_finite",
     "evaluate",
+    "finish_gradients",
+    "gradient_norm",
     "learning_rate_schedule",
+    "micro_seed",
+    "prepare_adapters",
+    "restore_optimizer",
+    "resume_checkpoint",
+    "save_checkpoint",
     "train",
     "trained_logits",
 ]
