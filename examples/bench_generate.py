@@ -49,7 +49,14 @@ def write_random_checkpoint(name: str, dtype: str, out_dir: Path) -> Path:
 
 
 def time_engine(step_fn, prompt: mx.array, gen_tokens: int) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, peak GB) for one run of a generate_step-like iterator."""
+    """(prefill tok/s, decode tok/s, working GB) for one run of a generate_step-like iterator.
+
+    Both engines' weights live in this process, so memory is measured as the peak above
+    what was allocated before the run (cache and activations); the caller adds the
+    engine's own weights.
+    """
+    mx.clear_cache()
+    before = mx.get_active_memory()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     n = 0
@@ -58,14 +65,18 @@ def time_engine(step_fn, prompt: mx.array, gen_tokens: int) -> tuple[float, floa
             prefill = time.perf_counter() - tic
             tic = time.perf_counter()
     decode = time.perf_counter() - tic
-    return prompt.size / prefill, (n - 1) / decode, mx.get_peak_memory() / 1e9
+    return prompt.size / prefill, (n - 1) / decode, (mx.get_peak_memory() - before) / 1e9
+
+
+def weight_gb(model) -> float:
+    return sum(p.nbytes for _, p in tree_flatten(model.parameters())) / 1e9
 
 
 def ours(model, prefill_step_size: int):
     def run(prompt, n):
         return generate_step(prompt, model, sampling=SamplingParams(), max_tokens=n,
                              prefill_step_size=prefill_step_size)
-    return run
+    return run, weight_gb(model)
 
 
 def mlx_lm_engine(path: Path, dtype: str | None, prefill_step_size: int):
@@ -78,7 +89,7 @@ def mlx_lm_engine(path: Path, dtype: str | None, prefill_step_size: int):
 
     def run(prompt, n):
         return lm_generate_step(prompt, model, max_tokens=n, prefill_step_size=prefill_step_size)
-    return run
+    return run, weight_gb(model)
 
 
 def main() -> None:
@@ -108,11 +119,17 @@ def main() -> None:
         print(f"backend: {mx.default_device()}, dtype: {args.dtype or 'as stored'}, "
               f"prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated, "
               f"median of {args.runs}")
-        results = {}
-        for name, engine in engines.items():
+        for engine, _ in engines.values():
             time_engine(engine, prompt[:8], 2)  # warm-up
-            runs = [time_engine(engine, prompt, args.gen_tokens) for _ in range(args.runs)]
-            results[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
+        # Runs alternate between the engines so that drift in machine load hits both alike.
+        runs = {name: [] for name in engines}
+        for _ in range(args.runs):
+            for name, (engine, weights) in engines.items():
+                p, d, working = time_engine(engine, prompt, args.gen_tokens)
+                runs[name].append((p, d, weights + working))
+        results = {}
+        for name, measured in runs.items():
+            results[name] = tuple(statistics.median(r[i] for r in measured) for i in range(3))
             p, d, m = results[name]
             print(f"{name:>10}: prefill {p:8.2f} tok/s | decode {d:7.2f} tok/s | peak {m:.2f} GB")
         if "mlx-lm" in results:

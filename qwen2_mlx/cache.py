@@ -117,6 +117,19 @@ class QuantizedKVCache(KVCache):
         self._dtype = mx.float32
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = self._append(keys, values)
+        return self._dequantize(self.keys, n), self._dequantize(self.values, n)
+
+    def update_and_fetch_quantized(
+        self, keys: mx.array, values: mx.array
+    ) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+        """Append, and return the cached (packed, scales, biases) triples as stored, for an
+        attention that reads the quantized cache directly."""
+        n = self._append(keys, values)
+        return (tuple(p[..., :n, :] for p in self.keys),
+                tuple(p[..., :n, :] for p in self.values))
+
+    def _append(self, keys: mx.array, values: mx.array) -> int:
         if keys.shape[-1] % self.group_size:
             raise ValueError(
                 f"head_dim {keys.shape[-1]} is not a multiple of the KV group size "
@@ -136,7 +149,7 @@ class QuantizedKVCache(KVCache):
         self.offset = needed
         for buffer, part in zip(self.keys + self.values, new_k + new_v, strict=True):
             buffer[..., prev:needed, :] = part
-        return self._dequantize(self.keys, needed), self._dequantize(self.values, needed)
+        return needed
 
     def _capacity(self) -> int:
         return 0 if self.keys is None else self.keys[0].shape[2]

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen2_mlx.metal_kernels.quantized import use_kernel_linears
 from qwen2_mlx.model import Model, ModelConfig
 from qwen2_mlx.moe import cast_experts_for_backend
 
@@ -296,6 +297,8 @@ def load_model(model_path: Path, dtype: str | mx.Dtype | None = None) -> Model:
     # MLX's CPU gather_mm is float32-only: keep half-precision experts in float32 there,
     # once, instead of casting the selected experts at every step.
     cast_experts_for_backend(model)
+    if block is not None:
+        use_kernel_linears(model)  # quantized layers dispatch to the decode kernels
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -16,8 +16,12 @@ import mlx.nn as nn
 
 from qwen2_mlx.cache import KVCache, QuantizedKVCache
 from qwen2_mlx.long_context import LongContext, resolve_long_context, with_long_context
-from qwen2_mlx.metal_kernels.attention import scaled_dot_product_attention
+from qwen2_mlx.metal_kernels.attention import (
+    quantized_scaled_dot_product_attention,
+    scaled_dot_product_attention,
+)
 from qwen2_mlx.metal_kernels.dual_chunk_attention import dca_write_keys, dual_chunk_attention
+from qwen2_mlx.metal_kernels.quantized import swiglu
 from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, moe_quant_predicate, stack_expert_weights
 from qwen2_mlx.rope import RoPE
 
@@ -249,11 +253,18 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-
-        mask = attention_mask(L, k.shape[2], self.sliding_window)
-        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(cache, QuantizedKVCache):
+            # The attention reads the 8/4-bit cache as stored (a kernel does on Metal).
+            kq, vq = cache.update_and_fetch_quantized(k, v)
+            mask = attention_mask(L, cache.offset, self.sliding_window)
+            out = quantized_scaled_dot_product_attention(
+                q, kq, vq, scale=self.scale, mask=mask,
+                group_size=cache.group_size, bits=cache.bits)
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            mask = attention_mask(L, k.shape[2], self.sliding_window)
+            out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _dual_chunk_attention(
@@ -300,7 +311,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        # One fused kernel for gate, up and SiLU when the projections are quantized.
+        return self.down_proj(swiglu(self.gate_proj, self.up_proj, x))
 
 
 def feed_forward(config: ModelConfig, layer_idx: int) -> nn.Module:

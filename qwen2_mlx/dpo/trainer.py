@@ -1,0 +1,343 @@
+"""The DPO training loop: `train_dpo(model, tokenizer, data, ...)`.
+
+It trains LoRA adapters with the pieces of the LoRA trainer (optimizer and schedule, batch
+order, gradient accumulation, clipping, NaN stop, checkpoints and exact resume) and a DPO loss
+instead of cross-entropy. The loss of a step is the mean of the per-pair losses over all its
+pairs; with gradient accumulation the per-pair sums of the micro-batches are added before
+dividing, so k micro-batches of b pairs give the gradient of one batch of k*b pairs.
+
+The reference model is the policy with its adapters disabled. Its log-probs come either from
+a forward pass before each policy pass (no graph, freed before the policy's forward) or, with
+`precompute_ref`, from one pass over each dataset at the start, cached on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from qwen2_mlx.dpo.data import (
+    PreferenceBatch,
+    PreferenceDataset,
+    load_preference_datasets,
+    make_preference_batch,
+)
+from qwen2_mlx.dpo.logps import check_reference_is_base, reference_logps, sequence_logps
+from qwen2_mlx.dpo.loss import (
+    METRICS,
+    check_loss_settings,
+    dpo_loss,
+    metric_sums,
+    metrics_dict,
+)
+from qwen2_mlx.dpo.reference import precompute_reference_logps
+from qwen2_mlx.lora.adapters import ADAPTER_FILE
+from qwen2_mlx.lora.data import BatchSchedule
+from qwen2_mlx.lora.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
+from qwen2_mlx.lora.layers import LoRAConfig, trainable_parameter_count
+from qwen2_mlx.lora.trainer import (
+    TrainingConfig,
+    TrainingProgress,
+    TrainingResult,
+    build_optimizer,
+    check_finite,
+    finish_gradients,
+    micro_seed,
+    prepare_adapters,
+    resume_checkpoint,
+    save_checkpoint,
+)
+
+
+@dataclass
+class DPOConfig:
+    """The preference objective and where the reference log-probs come from.
+
+    Args:
+        beta: strength of the implicit KL constraint (TRL's default 0.1; IPO's tau).
+        loss_type: "sigmoid" (DPO), "ipo" or "hinge".
+        label_smoothing: assumed share of flipped labels, conservative DPO (sigmoid only).
+        precompute_ref: compute the reference log-probs of each dataset once before training
+            (cached in `ref_cache_dir`) instead of a reference forward pass every step.
+        ref_cache_dir: directory of the reference cache (default: the adapter directory).
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    precompute_ref: bool = False
+    ref_cache_dir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        check_loss_settings(self.beta, self.loss_type, self.label_smoothing)
+
+
+@dataclass
+class DPOProgress(TrainingProgress):
+    """A TrainingProgress with the DPO metrics.
+
+    `metrics`: on "step" the step's values, averaged since the previous report when `report`
+    is True; on "validation" the validation values; on "reference" (after the reference
+    log-probs of a split are ready) {"pairs": n, "cached": 1.0 if read from the cache}.
+    `split` names the dataset of a "reference" event; `checkpoint` is then its cache file.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    split: str | None = None
+
+
+@dataclass
+class DPOResult(TrainingResult):
+    metrics: list[dict[str, float]] = field(default_factory=list)  # one per step of this run
+    val_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    reference_files: dict[str, Path] = field(default_factory=dict)
+    reference_peak_memory_gb: float = 0.0  # of the precompute pass, when run
+
+
+Callback = Callable[[DPOProgress], "bool | None"]
+
+
+def _reference_for(model: nn.Module, dataset: PreferenceDataset,
+                   batch: PreferenceBatch) -> tuple[mx.array, mx.array]:
+    if dataset.ref_chosen is not None and dataset.ref_rejected is not None:
+        return (mx.array(dataset.ref_chosen[batch.indices]),
+                mx.array(dataset.ref_rejected[batch.indices]))
+    logps = reference_logps(model, batch.sequences)
+    return logps[:batch.size], logps[batch.size:]
+
+
+def batch_dpo_loss(model: nn.Module, batch: PreferenceBatch, ref_chosen: mx.array,
+                   ref_rejected: mx.array, dpo: DPOConfig) -> tuple[mx.array, mx.array]:
+    """(sum of the per-pair losses, `metric_sums`) of one batch under the policy."""
+    logps = sequence_logps(model, batch.sequences)
+    n = batch.size
+    pair = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, beta=dpo.beta,
+                    loss_type=dpo.loss_type, label_smoothing=dpo.label_smoothing,
+                    chosen_lengths=batch.scored[:n], rejected_lengths=batch.scored[n:])
+    return pair.losses.sum(), metric_sums(pair, logps[:n], logps[n:])
+
+
+def evaluate_dpo(model: nn.Module, dataset: PreferenceDataset, dpo: DPOConfig | None = None,
+                 batch_size: int = 4, max_batches: int = -1, pad_id: int = 0) -> dict[str, float]:
+    """Mean DPO metrics (`METRICS`) over `dataset` (first `max_batches` length-sorted batches;
+    -1: all), with dropout off. Uses the dataset's precomputed reference log-probs if any."""
+    dpo = dpo or DPOConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        plan = BatchSchedule(dataset, min(batch_size, len(dataset)), shuffle=False,
+                             pad_id=pad_id)
+        n = len(plan) if max_batches < 0 else min(max_batches, len(plan))
+        sums, pairs = mx.zeros(len(METRICS)), 0
+        for i in range(n):
+            batch = make_preference_batch(dataset, plan.indices(i), pad_id)
+            ref_chosen, ref_rejected = _reference_for(model, dataset, batch)
+            _, batch_sums = batch_dpo_loss(model, batch, ref_chosen, ref_rejected, dpo)
+            sums = sums + batch_sums
+            mx.eval(sums)
+            pairs += batch.size
+    finally:
+        model.train(was_training)
+    return metrics_dict(sums, pairs)
+
+
+def train_dpo(
+    model: nn.Module,
+    tokenizer,
+    data: str | os.PathLike | dict[str, PreferenceDataset | None],
+    *,
+    adapter_path: str | os.PathLike = "adapters",
+    lora: LoRAConfig | None = None,
+    config: TrainingConfig | None = None,
+    dpo: DPOConfig | None = None,
+    resume_adapter_file: str | os.PathLike | None = None,
+    callback: Callback | None = None,
+    metadata: dict | None = None,
+) -> DPOResult:
+    """Train LoRA adapters on `model` with DPO and save them under `adapter_path`.
+
+    Args:
+        model: a loaded base model (float or quantized), with or without LoRA layers; LoRA
+            layers are added from `lora` when it has none. The base with adapters disabled is
+            the reference model.
+        tokenizer: the model's tokenizer (renders the pairs; may be None when `data` holds
+            tokenized datasets).
+        data: a directory with train.jsonl (and valid.jsonl) of preference pairs, or
+            {"train": PreferenceDataset, "valid": PreferenceDataset or None}.
+        adapter_path: output directory, as for LoRA training (adapters, optimizer state,
+            numbered checkpoints every `save_every` steps) plus the reference cache.
+        lora: what to adapt (default LoRAConfig(); read from the adapter's config on resume).
+        config: the training settings of LoRA training (`mask_prompt` and `chat` do not apply:
+            DPO always scores the replies of chat-rendered pairs). `batch_size` counts pairs.
+        dpo: the objective and the reference (default DPOConfig()).
+        resume_adapter_file: an adapters.safetensors (or numbered checkpoint) to continue
+            from, with its optimizer state and step.
+        callback: called with a DPOProgress on each event; returning False stops training
+            after saving the adapters.
+        metadata: extra fields for adapter_config.json.
+
+    Raises TrainingDivergedError when the loss or gradient turns NaN/inf (nothing is written
+    for that step), ValueError when parameters other than the adapters would train.
+    """
+    config = config or TrainingConfig()
+    dpo = dpo or DPOConfig()
+    adapter_path = Path(adapter_path)
+    if isinstance(data, dict):
+        datasets = data
+    else:
+        datasets = load_preference_datasets(data, tokenizer, splits=("train", "valid"),
+                                            max_seq_length=config.max_seq_length)
+    train_set, valid_set = datasets["train"], datasets.get("valid")
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    lora, resume_file = prepare_adapters(model, lora, config.seed, resume_adapter_file)
+    check_reference_is_base(model)
+    trainable, total = trainable_parameter_count(model)
+    if trainable == 0:
+        raise ValueError("the model has no trainable adapter parameters")
+    optimizer = build_optimizer(config)
+    start_step = resume_checkpoint(model, optimizer, resume_file) if resume_file else 0
+    if start_step > config.iters:
+        raise ValueError(f"the checkpoint is at step {start_step}, past iters={config.iters}")
+    schedule = BatchSchedule(train_set, config.batch_size, seed=config.seed, pad_id=pad_id)
+
+    result = DPOResult(step=start_step)
+
+    def emit(progress: DPOProgress) -> bool:
+        return callback is None or callback(progress) is not False
+
+    if dpo.precompute_ref:
+        cache_dir = Path(dpo.ref_cache_dir) if dpo.ref_cache_dir is not None else adapter_path
+        mx.reset_peak_memory()
+        for split, dataset in (("train", train_set), ("valid", valid_set)):
+            if dataset is None:
+                continue
+            file, cached = precompute_reference_logps(model, dataset, batch_size=config.batch_size,
+                                                      cache_dir=cache_dir, pad_id=pad_id)
+            result.reference_files[split] = file
+            emit(DPOProgress("reference", start_step, config.iters, checkpoint=file, split=split,
+                             metrics={"pairs": float(len(dataset)), "cached": float(cached)},
+                             peak_memory_gb=mx.get_peak_memory() / 1e9))
+        result.reference_peak_memory_gb = mx.get_peak_memory() / 1e9
+
+    def loss_fn(model, batch, ref_chosen, ref_rejected):
+        return batch_dpo_loss(model, batch, ref_chosen, ref_rejected, dpo)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    extra = {"training": asdict(config),
+             "dpo": {**asdict(dpo), "ref_cache_dir": None if dpo.ref_cache_dir is None
+                     else str(dpo.ref_cache_dir)},
+             **(metadata or {})}
+    last_saved = start_step if resume_file is not None else -1
+
+    def save(step: int, numbered: bool) -> None:
+        nonlocal last_saved
+        result.adapter_file = save_checkpoint(model, optimizer, adapter_path, lora, step,
+                                              numbered=numbered, extra=extra)
+        last_saved = step
+        emit(DPOProgress("checkpoint", step, config.iters, checkpoint=result.adapter_file,
+                         peak_memory_gb=mx.get_peak_memory() / 1e9))
+
+    blocks = list(getattr(model, "layers", []))
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(blocks)
+    mx.reset_peak_memory()
+    model.train()
+    started = time.perf_counter()
+    keep_going = emit(DPOProgress("start", start_step, config.iters,
+                                  trainable_parameters=trainable, total_parameters=total))
+    window_sums, window_count, window_tokens, window_time = mx.zeros(len(METRICS)), 0, 0, 0.0
+    all_tokens, all_time, trained_tokens = 0, 0.0, 0
+    step = start_step
+    try:
+        while keep_going and step < config.iters:
+            step += 1
+            tic = time.perf_counter()
+            loss_sum, sums, pairs, tokens, scored, grads = mx.array(0.0), 0.0, 0, 0, 0, None
+            for micro in range(config.grad_accumulation_steps):
+                index = (step - 1) * config.grad_accumulation_steps + micro
+                batch = make_preference_batch(train_set, schedule.indices(index), pad_id)
+                mx.random.seed(micro_seed(config.seed, index))
+                ref_chosen, ref_rejected = _reference_for(model, train_set, batch)
+                (loss, batch_sums), g = loss_and_grad(model, batch, ref_chosen, ref_rejected)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss_sum = loss_sum + loss
+                sums = sums + batch_sums
+                mx.eval(loss_sum, sums, grads)
+                pairs += batch.size
+                tokens += batch.sequences.tokens
+                scored += batch.sequences.trained
+            grads, norm = finish_gradients(grads, pairs, config.max_grad_norm)
+            loss = loss_sum / pairs
+            mx.eval(loss, norm, grads)
+            loss_value, norm_value = loss.item(), norm.item()
+            check_finite(step, loss_value, norm_value, last_saved, adapter_path)
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            elapsed = time.perf_counter() - tic
+            lr = optimizer.learning_rate.item()  # the rate this update used
+
+            step_metrics = metrics_dict(sums, pairs)
+            result.train_losses.append(loss_value)
+            result.metrics.append(step_metrics)
+            trained_tokens += scored
+            window_sums = window_sums + sums
+            window_count += pairs
+            window_tokens += tokens
+            window_time += elapsed
+            all_tokens += tokens
+            all_time += elapsed
+            report = step % config.steps_per_report == 0 or step == config.iters
+            progress = DPOProgress(
+                "step", step, config.iters, train_loss=loss_value, learning_rate=lr,
+                grad_norm=norm_value, tokens_per_second=tokens / elapsed,
+                trained_tokens=trained_tokens, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                elapsed_s=time.perf_counter() - started, report=report, metrics=step_metrics,
+            )
+            if report:
+                progress.metrics = metrics_dict(window_sums, window_count)
+                progress.train_loss = progress.metrics["loss"]
+                progress.tokens_per_second = window_tokens / window_time
+                window_sums, window_count, window_tokens, window_time = (
+                    mx.zeros(len(METRICS)), 0, 0, 0.0)
+            keep_going = emit(progress)
+
+            if valid_set is not None and (step % config.steps_per_eval == 0
+                                          or step == config.iters):
+                val = evaluate_dpo(model, valid_set, dpo, config.batch_size, config.val_batches,
+                                   pad_id)
+                result.val_metrics.append((step, val))
+                result.val_losses.append((step, val["loss"]))
+                keep_going = emit(DPOProgress(
+                    "validation", step, config.iters, val_loss=val["loss"], metrics=val,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    elapsed_s=time.perf_counter() - started)) and keep_going
+            if step % config.save_every == 0:
+                save(step, numbered=True)
+        result.stopped_early = step < config.iters
+        if last_saved != step:
+            save(step, numbered=False)
+        elif result.adapter_file is None:
+            result.adapter_file = adapter_path / ADAPTER_FILE
+    finally:
+        model.eval()
+        if config.grad_checkpoint:
+            disable_grad_checkpoint(blocks)
+    result.step = step
+    result.tokens_per_second = all_tokens / all_time if all_time > 0 else 0.0
+    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    emit(DPOProgress("done", step, config.iters,
+                     train_loss=result.train_losses[-1] if result.train_losses else None,
+                     val_loss=result.val_losses[-1][1] if result.val_losses else None,
+                     tokens_per_second=result.tokens_per_second, trained_tokens=trained_tokens,
+                     peak_memory_gb=result.peak_memory_gb,
+                     elapsed_s=time.perf_counter() - started, checkpoint=result.adapter_file,
+                     metrics=result.metrics[-1] if result.metrics else {}))
+    return result
