@@ -7,6 +7,7 @@ import sys
 import click
 
 from qwen2_mlx.cli.convert_command import convert_command
+from qwen2_mlx.cli.dpo_command import dpo_command
 from qwen2_mlx.cli.fuse_command import fuse_command
 from qwen2_mlx.cli.generate_command import generate_command
 from qwen2_mlx.cli.lora_command import lora_command
@@ -27,6 +28,7 @@ def cli() -> None:
 
 cli.add_command(generate_command)
 cli.add_command(lora_command)
+cli.add_command(dpo_command)
 cli.add_command(fuse_command)
 cli.add_command(convert_command)
 

@@ -10,12 +10,14 @@ the base weights are shared, so DPO holds one copy of them, not two as mlx-lm-lo
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from qwen2_mlx.lora.data import Batch
-from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, adapters_disabled
+from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, adapters_disabled, lora_layers
 from qwen2_mlx.lora.trainer import trained_logits
 
 
@@ -50,13 +52,14 @@ def check_reference_is_base(model: nn.Module) -> None:
 def reference_logps(model: nn.Module, batch: Batch) -> mx.array:
     """The base model's `sequence_logps` (adapters off, dropout off), evaluated and detached.
 
-    Computed before, and outside, the policy's gradient pass: it holds no graph and its
-    activations are freed before the policy's forward starts.
+    A model without adapters is its own base (so references can be precomputed before any
+    adapter is added). Computed before, and outside, the policy's gradient pass: it holds no
+    graph and its activations are freed before the policy's forward starts.
     """
     was_training = model.training
     model.eval()
     try:
-        with adapters_disabled(model):
+        with adapters_disabled(model) if lora_layers(model) else nullcontext():
             logps = mx.stop_gradient(sequence_logps(model, batch))
             mx.eval(logps)
     finally:
