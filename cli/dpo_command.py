@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 
 import click
 
-from qwen2_mlx.cli.lora_command import ProgressPrinter, _bar, lora_command
+from qwen2_mlx.cli.lora_command import (
+    ProgressPrinter,
+    _bar,
+    base_metadata,
+    echo_truncation_warnings,
+    load_base_model,
+    lora_command,
+    one_line_errors,
+    training_settings,
+)
 
 # The adapter and training flags are `qwen2-mlx lora`'s own options (same names, checks and
 # help), so the two commands cannot drift apart. Changed defaults and help for DPO:
@@ -38,27 +46,24 @@ def _shared(option: click.Parameter) -> click.Parameter:
 class DPOProgressPrinter(ProgressPrinter):
     """`qwen2-mlx lora`'s progress lines, with TRL's DPO metrics on step and validation."""
 
+    def step_line(self, p) -> str:
+        m = p.metrics
+        return (f"Step {p.step}/{p.iters} {_bar(p.step, p.iters)} loss {m['loss']:.4f} | "
+                f"rewards chosen {m['rewards/chosen']:.3f} rejected "
+                f"{m['rewards/rejected']:.3f} margin {m['rewards/margins']:.3f} "
+                f"acc {m['rewards/accuracies']:.3f} | lr {p.learning_rate:.2e} | "
+                f"{p.tokens_per_second:.1f} tok/s | peak {p.peak_memory_gb:.2f} GB")
+
+    def validation_line(self, p) -> str:
+        m = p.metrics
+        return (f"Step {p.step}: val loss {m['loss']:.4f}, rewards/accuracies "
+                f"{m['rewards/accuracies']:.3f}, rewards/margins {m['rewards/margins']:.3f}")
+
     def __call__(self, p) -> None:
         if p.event == "reference":
             how = "read from" if p.metrics.get("cached") else "computed, cached in"
             click.echo(f"Reference log-probs of {int(p.metrics['pairs'])} {p.split} pairs "
                        f"{how} {p.checkpoint}")
-        elif p.event == "step":
-            m = p.metrics
-            line = (f"Step {p.step}/{p.iters} {_bar(p.step, p.iters)} loss {m['loss']:.4f} | "
-                    f"rewards chosen {m['rewards/chosen']:.3f} rejected "
-                    f"{m['rewards/rejected']:.3f} margin {m['rewards/margins']:.3f} "
-                    f"acc {m['rewards/accuracies']:.3f} | lr {p.learning_rate:.2e} | "
-                    f"{p.tokens_per_second:.1f} tok/s | peak {p.peak_memory_gb:.2f} GB")
-            if p.report:
-                click.echo(("\r" if self.live else "") + line)
-            elif self.live:
-                click.echo("\r" + line, nl=False)
-        elif p.event == "validation":
-            m = p.metrics
-            click.echo(f"Step {p.step}: val loss {m['loss']:.4f}, rewards/accuracies "
-                       f"{m['rewards/accuracies']:.3f}, rewards/margins "
-                       f"{m['rewards/margins']:.3f}")
         else:
             super().__call__(p)
 
@@ -113,36 +118,15 @@ def dpo_command(beta, loss_type, label_smoothing, precompute_ref, ref_cache_dir,
       qwen2-mlx dpo -m ./q05b --data ./prefs --resume-adapter-file adapters/adapters.safetensors
     """
     from qwen2_mlx.dpo import DPOConfig, load_preference_datasets, train_dpo
-    from qwen2_mlx.loader import load
-    from qwen2_mlx.lora import LoRAConfig, TrainingConfig, TrainingDivergedError, TruncationWarning
-    from qwen2_mlx.lora.quantize import quantize_base
 
     o = options
-    try:
+    with one_line_errors():
         dpo = DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                         precompute_ref=precompute_ref, ref_cache_dir=ref_cache_dir)
-        lora = LoRAConfig(rank=o["rank"], alpha=o["alpha"], dropout=o["dropout"],
-                          targets=o["targets"], num_layers=o["num_layers"], dora=o["dora"])
-        config = TrainingConfig(
-            iters=o["iters"], batch_size=o["batch_size"], learning_rate=o["learning_rate"],
-            optimizer=o["optimizer"], weight_decay=o["weight_decay"],
-            lr_schedule=o["lr_schedule"], warmup_steps=o["warmup_steps"],
-            grad_accumulation_steps=o["grad_accumulation_steps"],
-            max_grad_norm=o["max_grad_norm"] or None, grad_checkpoint=o["grad_checkpoint"],
-            max_seq_length=o["max_seq_length"], steps_per_report=o["steps_per_report"],
-            steps_per_eval=o["steps_per_eval"], val_batches=o["val_batches"],
-            save_every=o["save_every"], seed=o["seed"],
-        )
-        model, tokenizer = load(o["model"], dtype=o["dtype"])
-        q_bits, q_group_size = o["q_bits"], int(o["q_group_size"])
-        if q_bits is not None:
-            quantize_base(model, bits=int(q_bits), group_size=q_group_size)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TruncationWarning)
-            datasets = load_preference_datasets(o["data"], tokenizer,
-                                                max_seq_length=o["max_seq_length"])
-        for warning in caught:
-            click.echo(f"Warning: {warning.message}", err=True)
+        lora, config = training_settings(o)
+        model, tokenizer = load_base_model(o)
+        datasets = echo_truncation_warnings(lambda: load_preference_datasets(
+            o["data"], tokenizer, max_seq_length=o["max_seq_length"]))
         if o["iters"] == 0:
             _report_validation(model, tokenizer, datasets, dpo, config, o)
             return
@@ -152,14 +136,7 @@ def dpo_command(beta, loss_type, label_smoothing, precompute_ref, ref_cache_dir,
                   lora=None if o["resume_adapter_file"] else lora, config=config, dpo=dpo,
                   resume_adapter_file=o["resume_adapter_file"],
                   callback=DPOProgressPrinter(live=sys.stdout.isatty()),
-                  metadata={"base_model": str(o["model"]),
-                            "base_quantization": ({"bits": int(q_bits),
-                                                   "group_size": q_group_size}
-                                                  if q_bits else None)})
-    except TrainingDivergedError as e:
-        raise click.ClickException(str(e)) from e
-    except (OSError, ValueError, NotImplementedError) as e:
-        raise click.ClickException(str(e)) from e
+                  metadata=base_metadata(o))
 
 
 # --help lists --model and --data first, then the DPO options, then the LoRA/training ones.

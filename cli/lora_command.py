@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import click
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
+T = TypeVar("T")
 
 
 def _bar(step: int, total: int, width: int = 20) -> str:
@@ -22,6 +26,15 @@ class ProgressPrinter:
     def __init__(self, live: bool):
         self.live = live
 
+    def step_line(self, p) -> str:
+        return (f"Step {p.step}/{p.iters} {_bar(p.step, p.iters)} train loss "
+                f"{p.train_loss:.4f} | lr {p.learning_rate:.2e} | "
+                f"{p.tokens_per_second:.1f} tok/s | peak {p.peak_memory_gb:.2f} GB")
+
+    def validation_line(self, p) -> str:
+        return (f"Step {p.step}: val loss {p.val_loss:.4f}, "
+                f"val ppl {math.exp(min(p.val_loss, 50)):.3f}")
+
     def __call__(self, p) -> None:
         if p.event == "start":
             share = 100.0 * p.trainable_parameters / max(p.total_parameters, 1)
@@ -30,21 +43,82 @@ class ProgressPrinter:
             if p.step:
                 click.echo(f"Resuming at step {p.step} of {p.iters}")
         elif p.event == "step":
-            line = (f"Step {p.step}/{p.iters} {_bar(p.step, p.iters)} train loss "
-                    f"{p.train_loss:.4f} | lr {p.learning_rate:.2e} | "
-                    f"{p.tokens_per_second:.1f} tok/s | peak {p.peak_memory_gb:.2f} GB")
+            line = self.step_line(p)
             if p.report:
                 click.echo(("\r" if self.live else "") + line)
             elif self.live:
                 click.echo("\r" + line, nl=False)
         elif p.event == "validation":
-            click.echo(f"Step {p.step}: val loss {p.val_loss:.4f}, "
-                       f"val ppl {math.exp(min(p.val_loss, 50)):.3f}")
+            click.echo(self.validation_line(p))
         elif p.event == "checkpoint":
             click.echo(f"Step {p.step}: saved adapters to {p.checkpoint}")
         elif p.event == "done":
             click.echo(f"Done at step {p.step}: {p.tokens_per_second:.1f} tok/s, "
                        f"peak memory {p.peak_memory_gb:.2f} GB, adapters in {p.checkpoint}")
+
+
+# Shared with `qwen2-mlx dpo`, whose adapter and training options are this command's own.
+
+
+def training_settings(o: dict):
+    """(LoRAConfig, TrainingConfig) from the command's options."""
+    from qwen2_mlx.lora import LoRAConfig, TrainingConfig
+
+    lora = LoRAConfig(rank=o["rank"], alpha=o["alpha"], dropout=o["dropout"],
+                      targets=o["targets"], num_layers=o["num_layers"], dora=o["dora"])
+    data_format = {name: o[name] for name in ("mask_prompt", "chat") if name in o}  # lora only
+    config = TrainingConfig(
+        iters=o["iters"], batch_size=o["batch_size"], learning_rate=o["learning_rate"],
+        optimizer=o["optimizer"], weight_decay=o["weight_decay"], lr_schedule=o["lr_schedule"],
+        warmup_steps=o["warmup_steps"], grad_accumulation_steps=o["grad_accumulation_steps"],
+        max_grad_norm=o["max_grad_norm"] or None, grad_checkpoint=o["grad_checkpoint"],
+        max_seq_length=o["max_seq_length"], steps_per_report=o["steps_per_report"],
+        steps_per_eval=o["steps_per_eval"], val_batches=o["val_batches"],
+        save_every=o["save_every"], seed=o["seed"], **data_format,
+    )
+    return lora, config
+
+
+def load_base_model(o: dict):
+    """(model, tokenizer) of --model in --dtype, quantized in memory with --q-bits (QLoRA)."""
+    from qwen2_mlx.loader import load
+    from qwen2_mlx.lora.quantize import quantize_base
+
+    model, tokenizer = load(o["model"], dtype=o["dtype"])
+    if o["q_bits"] is not None:
+        quantize_base(model, bits=int(o["q_bits"]), group_size=int(o["q_group_size"]))
+    return model, tokenizer
+
+
+def base_metadata(o: dict) -> dict:
+    """What adapter_config.json records of the base model."""
+    q_bits = o["q_bits"]
+    return {"base_model": str(o["model"]),
+            "base_quantization": ({"bits": int(q_bits), "group_size": int(o["q_group_size"])}
+                                  if q_bits else None)}
+
+
+def echo_truncation_warnings(load_data: Callable[[], T]) -> T:
+    """Run `load_data`, printing its TruncationWarnings (every one) to stderr."""
+    from qwen2_mlx.lora import TruncationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        data = load_data()
+    for warning in caught:
+        click.echo(f"Warning: {warning.message}", err=True)
+    return data
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Report the errors of bad settings, data or files as one-line ClickExceptions."""
+    from qwen2_mlx.lora import TrainingDivergedError
+
+    try:
+        yield
+    except (TrainingDivergedError, OSError, ValueError, NotImplementedError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 @click.command("lora")
@@ -107,12 +181,7 @@ class ProgressPrinter:
 @click.option("--q-group-size", default=64, show_default=True,
               type=click.Choice(["32", "64", "128"]), help="Group size for --q-bits.")
 @click.option("--seed", default=0, show_default=True, type=int)
-def lora_command(model, data, iters, batch_size, learning_rate, rank, alpha, dropout, targets,
-                 num_layers, dora, optimizer, weight_decay, lr_schedule, warmup_steps,
-                 grad_accumulation_steps, max_grad_norm, grad_checkpoint, max_seq_length,
-                 mask_prompt, chat, steps_per_report, steps_per_eval, val_batches, save_every,
-                 adapter_path, resume_adapter_file, run_test, test_batches, dtype, q_bits,
-                 q_group_size, seed) -> None:
+def lora_command(**options) -> None:
     """Fine-tune LoRA adapters on chat, prompt/completion or text JSONL files.
 
     Each line of DATA/train.jsonl is {"messages": [...]}, {"prompt": ..., "completion": ...}
@@ -128,67 +197,33 @@ def lora_command(model, data, iters, batch_size, learning_rate, rank, alpha, dro
       qwen2-mlx lora -m ./q05b --data ./data --resume-adapter-file adapters/adapters.safetensors
       qwen2-mlx lora -m ./qwen2-0.5b --data ./my_data --iters 0 --test --adapter-path adapters
     """
-    from qwen2_mlx.loader import load
-    from qwen2_mlx.lora import (
-        LoRAConfig,
-        TrainingConfig,
-        TrainingDivergedError,
-        TruncationWarning,
-        evaluate,
-        load_adapter,
-        load_datasets,
-        train,
-    )
+    from qwen2_mlx.lora import evaluate, load_adapter, load_datasets, train
     from qwen2_mlx.lora.adapters import resolve_adapter_files
-    from qwen2_mlx.lora.quantize import quantize_base
 
-    try:
-        lora = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets,
-                          num_layers=num_layers, dora=dora)
-        config = TrainingConfig(
-            iters=iters, batch_size=batch_size, learning_rate=learning_rate,
-            optimizer=optimizer, weight_decay=weight_decay, lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps, grad_accumulation_steps=grad_accumulation_steps,
-            max_grad_norm=max_grad_norm or None, grad_checkpoint=grad_checkpoint,
-            max_seq_length=max_seq_length, mask_prompt=mask_prompt, chat=chat,
-            steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
-            val_batches=val_batches, save_every=save_every, seed=seed,
-        )
-        mlx_model, tokenizer = load(model, dtype=dtype)
-        if q_bits is not None:
-            quantize_base(mlx_model, bits=int(q_bits), group_size=int(q_group_size))
-        splits = ("train", "valid", "test") if run_test else ("train", "valid")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TruncationWarning)
-            datasets = load_datasets(data, tokenizer, splits=splits,
-                                     max_seq_length=max_seq_length, mask_prompt=mask_prompt,
-                                     chat=chat)
-        for warning in caught:
-            click.echo(f"Warning: {warning.message}", err=True)
-        if iters > 0:
+    o = options
+    with one_line_errors():
+        lora, config = training_settings(o)
+        model, tokenizer = load_base_model(o)
+        splits = ("train", "valid", "test") if o["run_test"] else ("train", "valid")
+        datasets = echo_truncation_warnings(lambda: load_datasets(
+            o["data"], tokenizer, splits=splits, max_seq_length=o["max_seq_length"],
+            mask_prompt=o["mask_prompt"], chat=o["chat"]))
+        if o["iters"] > 0:
             if datasets.get("valid") is None:
-                click.echo(f"No valid.jsonl in {data}: training without validation loss.")
-            train(mlx_model, tokenizer, datasets, adapter_path=adapter_path,
-                  lora=None if resume_adapter_file else lora, config=config,
-                  resume_adapter_file=resume_adapter_file,
-                  callback=ProgressPrinter(live=sys.stdout.isatty()),
-                  metadata={"base_model": str(model),
-                            "base_quantization": ({"bits": int(q_bits),
-                                                   "group_size": int(q_group_size)}
-                                                  if q_bits else None)})
-        elif run_test:
+                click.echo(f"No valid.jsonl in {o['data']}: training without validation loss.")
+            train(model, tokenizer, datasets, adapter_path=o["adapter_path"],
+                  lora=None if o["resume_adapter_file"] else lora, config=config,
+                  resume_adapter_file=o["resume_adapter_file"],
+                  callback=ProgressPrinter(live=sys.stdout.isatty()), metadata=base_metadata(o))
+        elif o["run_test"]:
             try:
-                resolve_adapter_files(adapter_path)
-                load_adapter(mlx_model, adapter_path)
-                click.echo(f"Evaluating with the adapters in {adapter_path}")
+                resolve_adapter_files(o["adapter_path"])
+                load_adapter(model, o["adapter_path"])
+                click.echo(f"Evaluating with the adapters in {o['adapter_path']}")
             except FileNotFoundError:
-                click.echo(f"No adapters in {adapter_path}: evaluating the base model")
-        if run_test:
+                click.echo(f"No adapters in {o['adapter_path']}: evaluating the base model")
+        if o["run_test"]:
             if datasets.get("test") is None:
-                raise click.ClickException(f"--test needs {data}/test.jsonl")
-            loss = evaluate(mlx_model, datasets["test"], batch_size, test_batches)
+                raise click.ClickException(f"--test needs {o['data']}/test.jsonl")
+            loss = evaluate(model, datasets["test"], o["batch_size"], o["test_batches"])
             click.echo(f"Test loss {loss:.4f}, test ppl {math.exp(min(loss, 50)):.3f}")
-    except TrainingDivergedError as e:
-        raise click.ClickException(str(e)) from e
-    except (OSError, ValueError, NotImplementedError) as e:
-        raise click.ClickException(str(e)) from e

@@ -26,10 +26,11 @@ from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_generate import write_random_checkpoint  # noqa: E402
+from bench_lora import bench_config, step_recorder  # noqa: E402
 
 from qwen2_mlx.dpo import DPOConfig, PreferenceDataset, PreferencePair, train_dpo  # noqa: E402
 from qwen2_mlx.loader import load_config, load_model  # noqa: E402
-from qwen2_mlx.lora import LoRAConfig, TrainingConfig, apply_lora  # noqa: E402
+from qwen2_mlx.lora import LoRAConfig, apply_lora  # noqa: E402
 from qwen2_mlx.lora.data import Example  # noqa: E402
 
 
@@ -52,18 +53,8 @@ def run(path: Path, data: PreferenceDataset, precompute: bool, args, out: Path) 
     mx.random.seed(0)
     apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
     per_step: list[tuple[float, float]] = []
-
-    def record(p):
-        if p.event == "step":
-            per_step.append((p.tokens_per_second, p.peak_memory_gb))
-            print(f"    step {p.step}: {p.tokens_per_second:.2f} tok/s, peak "
-                  f"{p.peak_memory_gb:.2f} GB", flush=True)
-
-    config = TrainingConfig(iters=args.steps, batch_size=args.batch_size, learning_rate=1e-5,
-                            steps_per_report=1, save_every=10**9,
-                            grad_checkpoint=args.grad_checkpoint)
-    result = train_dpo(model, None, {"train": data}, adapter_path=out, config=config,
-                       dpo=DPOConfig(precompute_ref=precompute), callback=record)
+    result = train_dpo(model, None, {"train": data}, adapter_path=out, config=bench_config(args),
+                       dpo=DPOConfig(precompute_ref=precompute), callback=step_recorder(per_step))
     measured = per_step[1:] or per_step
     return {"weights_gb": weights_gb, "peak_gb": max(m for _, m in per_step),
             "tokens_per_second": statistics.median(t for t, _ in measured),

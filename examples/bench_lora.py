@@ -21,6 +21,7 @@ import gc
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,23 +55,36 @@ def summarise(per_step: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(t for t, _ in measured), max(m for _, m in per_step)
 
 
+def bench_config(args, **settings) -> TrainingConfig:
+    """`args.steps` updates of `args.batch_size` examples, a report every step, no checkpoint
+    before the end (also for bench_dpo.py)."""
+    return TrainingConfig(iters=args.steps, batch_size=args.batch_size, learning_rate=1e-5,
+                          steps_per_report=1, save_every=10**9,
+                          grad_checkpoint=args.grad_checkpoint, **settings)
+
+
+def step_recorder(per_step: list[tuple[float, float]], label: str = "") -> Callable:
+    """A training callback that appends (tokens/s, peak GB) of every step to `per_step` and
+    prints it (also for bench_dpo.py)."""
+
+    def record(p) -> None:
+        if p.event == "step":
+            per_step.append((p.tokens_per_second, p.peak_memory_gb))
+            print(f"    {label}step {p.step}: {p.tokens_per_second:.2f} tok/s, "
+                  f"peak {p.peak_memory_gb:.2f} GB", flush=True)
+
+    return record
+
+
 def ours(path: Path, sequences, args, out: Path) -> tuple[float, float]:
     model = load_model(path)
     mx.random.seed(0)
     apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=TARGETS))
     data = Dataset([Example(s, [True] * len(s)) for s in sequences])
     per_step: list[tuple[float, float]] = []
-
-    def record(p):
-        if p.event == "step":
-            per_step.append((p.tokens_per_second, p.peak_memory_gb))
-            print(f"    qwen2-mlx step {p.step}: {p.tokens_per_second:.2f} tok/s, "
-                  f"peak {p.peak_memory_gb:.2f} GB", flush=True)
-
-    config = TrainingConfig(iters=args.steps, batch_size=args.batch_size, learning_rate=1e-5,
-                            steps_per_report=1, save_every=10**9,
-                            max_seq_length=args.seq_len + 1, grad_checkpoint=args.grad_checkpoint)
-    train(model, None, {"train": data}, adapter_path=out, config=config, callback=record)
+    train(model, None, {"train": data}, adapter_path=out,
+          config=bench_config(args, max_seq_length=args.seq_len + 1),
+          callback=step_recorder(per_step, "qwen2-mlx "))
     return summarise(per_step)
 
 

@@ -6,6 +6,10 @@ import json
 import random
 from pathlib import Path
 
+import mlx.core as mx
+
+from qwen2_mlx.lora import lora_layers
+
 LETTERS = "abcd"
 
 
@@ -36,3 +40,13 @@ def write_jsonl(path: Path, records: list) -> Path:
     lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def randomize_adapters(model, seed: int = 0, std: float = 0.1) -> None:
+    """Nonzero B (so A gets gradients too) and, for DoRA, a magnitude away from ||W||."""
+    mx.random.seed(seed)
+    for layer in lora_layers(model):
+        layer.lora_b = std * mx.random.normal(layer.lora_b.shape)
+        if "m" in layer:
+            layer.m = layer.m * (1.0 + 0.1 * mx.random.normal(layer.m.shape))
+    mx.eval(model.parameters())

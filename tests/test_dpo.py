@@ -41,7 +41,7 @@ from qwen2_mlx.lora.data import BatchSchedule, Example, make_batch
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
 
 from conftest import load_torch_model
-from lora_tasks import LETTERS, last_letter_items
+from lora_tasks import LETTERS, last_letter_items, randomize_adapters
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dpo"
 LOSS_CASES = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.3, 0.2), ("ipo", 0.5, 0.0),
@@ -251,15 +251,6 @@ def test_logps_score_the_reply_and_its_im_end_only(tiny, tokenizer):
         value = np.array(sequence_logps(FixedLogits(mx.array(bumped)), batch.sequences))
         assert (value[0] != reference[0]) == changes, target
         np.testing.assert_array_equal(value[1:], reference[1:])
-
-
-def randomize_adapters(model, seed: int = 0, std: float = 0.1) -> None:
-    mx.random.seed(seed)
-    for layer in lora_layers(model):
-        layer.lora_b = std * mx.random.normal(layer.lora_b.shape)
-        if "m" in layer:
-            layer.m = layer.m * (1.0 + 0.1 * mx.random.normal(layer.m.shape))
-    mx.eval(model.parameters())
 
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])

@@ -38,23 +38,13 @@ from qwen2_mlx.lora.trainer import batch_loss_sum, trained_logits
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
 
 from conftest import load_torch_model
-from lora_tasks import last_letter_items, last_letter_record
+from lora_tasks import last_letter_items, last_letter_record, randomize_adapters
 
 # --------------------------------------------------------------------------------- helpers
 
 
 def loaded(path, dtype=None):
     return load_model(path, dtype=dtype)
-
-
-def randomize_adapters(model, seed: int = 0, std: float = 0.1) -> None:
-    """Nonzero B (so A gets gradients too) and, for DoRA, a magnitude away from ||W||."""
-    mx.random.seed(seed)
-    for layer in lora_layers(model):
-        layer.lora_b = std * mx.random.normal(layer.lora_b.shape)
-        if "m" in layer:
-            layer.m = layer.m * (1.0 + 0.1 * mx.random.normal(layer.m.shape))
-    mx.eval(model.parameters())
 
 
 def sample_batch(vocab: int = 500, seed: int = 0):

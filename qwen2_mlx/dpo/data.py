@@ -26,7 +26,6 @@ emits it (the same targets as ``qwen2-mlx lora``'s assistant turns).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -37,9 +36,15 @@ import mlx.core as mx
 import numpy as np
 
 from qwen2_mlx.chat import IM_END, render_chat, validate_messages
-from qwen2_mlx.lora.data import Batch, DataFormatError, Example, TruncationWarning, make_batch
-
-SPLITS = ("train", "valid", "test")
+from qwen2_mlx.lora.data import (
+    Batch,
+    DataFormatError,
+    Example,
+    TruncationWarning,
+    load_splits,
+    make_batch,
+    read_jsonl,
+)
 
 
 @dataclass
@@ -187,28 +192,20 @@ def load_preference_jsonl(path: str | os.PathLike, tokenizer, *,
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
     pairs: list[PreferencePair] = []
     truncated = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            pair = encode_pair(record, tokenizer, where=where)
-            longest = max(len(pair.chosen.tokens), len(pair.rejected.tokens))
-            if longest > max_seq_length:
-                if pair.prompt_length >= max_seq_length:
-                    raise DataFormatError(
-                        f"{where}: the prompt alone is {pair.prompt_length} tokens, which leaves "
-                        f"no reply token within max_seq_length={max_seq_length}; raise it or "
-                        "shorten the prompt")
-                truncated += 1
-                pair = PreferencePair(_truncate(pair.chosen, max_seq_length),
-                                      _truncate(pair.rejected, max_seq_length),
-                                      pair.prompt_length)
-            pairs.append(pair)
+    for where, record in read_jsonl(path):
+        pair = encode_pair(record, tokenizer, where=where)
+        longest = max(len(pair.chosen.tokens), len(pair.rejected.tokens))
+        if longest > max_seq_length:
+            if pair.prompt_length >= max_seq_length:
+                raise DataFormatError(
+                    f"{where}: the prompt alone is {pair.prompt_length} tokens, which leaves "
+                    f"no reply token within max_seq_length={max_seq_length}; raise it or "
+                    "shorten the prompt")
+            truncated += 1
+            pair = PreferencePair(_truncate(pair.chosen, max_seq_length),
+                                  _truncate(pair.rejected, max_seq_length),
+                                  pair.prompt_length)
+        pairs.append(pair)
     if not pairs:
         raise DataFormatError(f"{path}: the file has no preference pairs")
     if truncated:
@@ -227,22 +224,11 @@ def load_preference_datasets(data_dir: str | os.PathLike, tokenizer, *,
 
     train.jsonl is required when "train" is in `splits`; missing other files give None.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist")
-    out: dict[str, PreferenceDataset | None] = {}
-    for split in splits:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        file = data_dir / f"{split}.jsonl"
-        if not file.is_file():
-            if split == "train":
-                raise FileNotFoundError(f"{file} not found: the data directory needs train.jsonl "
-                                        "(and optionally valid.jsonl) of preference pairs")
-            out[split] = None
-            continue
-        out[split] = load_preference_jsonl(file, tokenizer, max_seq_length=max_seq_length)
-    return out
+    def load_file(file: Path) -> PreferenceDataset:
+        return load_preference_jsonl(file, tokenizer, max_seq_length=max_seq_length)
+
+    return load_splits(data_dir, load_file, splits,
+                       "train.jsonl (and optionally valid.jsonl) of preference pairs")
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The DPO training loop: `train_dpo(model, tokenizer, data, ...)`.
 
-It trains LoRA adapters with the pieces of the LoRA trainer (optimizer and schedule, batch
-order, gradient accumulation, clipping, NaN stop, checkpoints and exact resume) and a DPO loss
-instead of cross-entropy. The loss of a step is the mean of the per-pair losses over all its
-pairs; with gradient accumulation the per-pair sums of the micro-batches are added before
-dividing, so k micro-batches of b pairs give the gradient of one batch of k*b pairs.
+It trains LoRA adapters with the LoRA trainer's loop, `run_training` (optimizer and schedule,
+batch order, gradient accumulation, clipping, NaN stop, checkpoints and exact resume), given a
+`DPOObjective`: a DPO loss instead of cross-entropy. The loss of a step is the mean of the
+per-pair losses over all its pairs; with gradient accumulation the per-pair sums of the
+micro-batches are added before dividing, so k micro-batches of b pairs give the gradient of
+one batch of k*b pairs.
 
 The reference model is the policy with its adapters disabled. Its log-probs come either from
 a forward pass before each policy pass (no graph, freed before the policy's forward) or, with
@@ -14,14 +15,12 @@ a forward pass before each policy pass (no graph, freed before the policy's forw
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
 
 from qwen2_mlx.dpo.data import (
     PreferenceBatch,
@@ -38,21 +37,17 @@ from qwen2_mlx.dpo.loss import (
     metrics_dict,
 )
 from qwen2_mlx.dpo.reference import precompute_reference_logps
-from qwen2_mlx.lora.adapters import ADAPTER_FILE
 from qwen2_mlx.lora.data import BatchSchedule
-from qwen2_mlx.lora.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
-from qwen2_mlx.lora.layers import LoRAConfig, trainable_parameter_count
+from qwen2_mlx.lora.layers import LoRAConfig
 from qwen2_mlx.lora.trainer import (
+    MicroStep,
+    Objective,
     TrainingConfig,
     TrainingProgress,
     TrainingResult,
-    build_optimizer,
-    check_finite,
-    finish_gradients,
-    micro_seed,
     prepare_adapters,
-    resume_checkpoint,
-    save_checkpoint,
+    run_training,
+    start_training,
 )
 
 
@@ -148,6 +143,57 @@ def evaluate_dpo(model: nn.Module, dataset: PreferenceDataset, dpo: DPOConfig | 
     return metrics_dict(sums, pairs)
 
 
+class DPOObjective(Objective):
+    """The mean DPO loss over the pairs of a `PreferenceDataset`; its step, report and
+    validation events carry the DPO metrics (`DPOProgress.metrics`)."""
+
+    progress_type = DPOProgress
+
+    def __init__(self, model: nn.Module, train_set: PreferenceDataset,
+                 valid_set: PreferenceDataset | None, config: TrainingConfig, dpo: DPOConfig,
+                 pad_id: int = 0):
+        super().__init__(model, train_set, valid_set, config, pad_id)
+        self.train_set, self.dpo, self.pad_id = train_set, dpo, pad_id
+
+        def loss_fn(model, batch, ref_chosen, ref_rejected):
+            return batch_dpo_loss(model, batch, ref_chosen, ref_rejected, dpo)
+
+        self._loss_and_grad = nn.value_and_grad(model, loss_fn)
+        # The metric sums and pairs since the previous report: its metrics are per-pair means.
+        self._window_sums, self._window_pairs = mx.zeros(len(METRICS)), 0
+
+    def micro_batch(self, index: int) -> PreferenceBatch:
+        return make_preference_batch(self.train_set, self.schedule.indices(index), self.pad_id)
+
+    def loss_and_grad(self, batch: PreferenceBatch) -> MicroStep:
+        ref_chosen, ref_rejected = _reference_for(self.model, self.train_set, batch)
+        (loss, sums), grads = self._loss_and_grad(self.model, batch, ref_chosen, ref_rejected)
+        return MicroStep(loss, grads, terms=batch.size, tokens=batch.sequences.tokens,
+                         trained_tokens=batch.sequences.trained, metric_sums=sums)
+
+    def validate(self, result: DPOResult, step: int) -> tuple[float, dict]:
+        config = self.config
+        val = evaluate_dpo(self.model, self.valid_set, self.dpo, config.batch_size,
+                           config.val_batches, self.pad_id)
+        result.val_metrics.append((step, val))
+        return val["loss"], {"metrics": val}
+
+    def step_fields(self, result: DPOResult, metric_sums, terms: int) -> dict:
+        step_metrics = metrics_dict(metric_sums, terms)
+        result.metrics.append(step_metrics)
+        self._window_sums = self._window_sums + metric_sums
+        self._window_pairs += terms
+        return {"metrics": step_metrics}
+
+    def report_fields(self) -> dict:
+        metrics = metrics_dict(self._window_sums, self._window_pairs)
+        self._window_sums, self._window_pairs = mx.zeros(len(METRICS)), 0
+        return {"metrics": metrics, "train_loss": metrics["loss"]}
+
+    def done_fields(self, result: DPOResult) -> dict:
+        return {"metrics": result.metrics[-1] if result.metrics else {}}
+
+
 def train_dpo(
     model: nn.Module,
     tokenizer,
@@ -199,19 +245,9 @@ def train_dpo(
 
     lora, resume_file = prepare_adapters(model, lora, config.seed, resume_adapter_file)
     check_reference_is_base(model)
-    trainable, total = trainable_parameter_count(model)
-    if trainable == 0:
-        raise ValueError("the model has no trainable adapter parameters")
-    optimizer = build_optimizer(config)
-    start_step = resume_checkpoint(model, optimizer, resume_file) if resume_file else 0
-    if start_step > config.iters:
-        raise ValueError(f"the checkpoint is at step {start_step}, past iters={config.iters}")
-    schedule = BatchSchedule(train_set, config.batch_size, seed=config.seed, pad_id=pad_id)
-
-    result = DPOResult(step=start_step)
-
-    def emit(progress: DPOProgress) -> bool:
-        return callback is None or callback(progress) is not False
+    start = start_training(model, config, resume_file)
+    objective = DPOObjective(model, train_set, valid_set, config, dpo, pad_id)
+    result = DPOResult(step=start.step)
 
     if dpo.precompute_ref:
         cache_dir = Path(dpo.ref_cache_dir) if dpo.ref_cache_dir is not None else adapter_path
@@ -222,122 +258,16 @@ def train_dpo(
             file, cached = precompute_reference_logps(model, dataset, batch_size=config.batch_size,
                                                       cache_dir=cache_dir, pad_id=pad_id)
             result.reference_files[split] = file
-            emit(DPOProgress("reference", start_step, config.iters, checkpoint=file, split=split,
-                             metrics={"pairs": float(len(dataset)), "cached": float(cached)},
-                             peak_memory_gb=mx.get_peak_memory() / 1e9))
+            if callback is not None:
+                callback(DPOProgress("reference", start.step, config.iters, checkpoint=file,
+                                     split=split, peak_memory_gb=mx.get_peak_memory() / 1e9,
+                                     metrics={"pairs": float(len(dataset)),
+                                              "cached": float(cached)}))
         result.reference_peak_memory_gb = mx.get_peak_memory() / 1e9
 
-    def loss_fn(model, batch, ref_chosen, ref_rejected):
-        return batch_dpo_loss(model, batch, ref_chosen, ref_rejected, dpo)
-
-    loss_and_grad = nn.value_and_grad(model, loss_fn)
     extra = {"training": asdict(config),
              "dpo": {**asdict(dpo), "ref_cache_dir": None if dpo.ref_cache_dir is None
                      else str(dpo.ref_cache_dir)},
              **(metadata or {})}
-    last_saved = start_step if resume_file is not None else -1
-
-    def save(step: int, numbered: bool) -> None:
-        nonlocal last_saved
-        result.adapter_file = save_checkpoint(model, optimizer, adapter_path, lora, step,
-                                              numbered=numbered, extra=extra)
-        last_saved = step
-        emit(DPOProgress("checkpoint", step, config.iters, checkpoint=result.adapter_file,
-                         peak_memory_gb=mx.get_peak_memory() / 1e9))
-
-    blocks = list(getattr(model, "layers", []))
-    if config.grad_checkpoint:
-        enable_grad_checkpoint(blocks)
-    mx.reset_peak_memory()
-    model.train()
-    started = time.perf_counter()
-    keep_going = emit(DPOProgress("start", start_step, config.iters,
-                                  trainable_parameters=trainable, total_parameters=total))
-    window_sums, window_count, window_tokens, window_time = mx.zeros(len(METRICS)), 0, 0, 0.0
-    all_tokens, all_time, trained_tokens = 0, 0.0, 0
-    step = start_step
-    try:
-        while keep_going and step < config.iters:
-            step += 1
-            tic = time.perf_counter()
-            loss_sum, sums, pairs, tokens, scored, grads = mx.array(0.0), 0.0, 0, 0, 0, None
-            for micro in range(config.grad_accumulation_steps):
-                index = (step - 1) * config.grad_accumulation_steps + micro
-                batch = make_preference_batch(train_set, schedule.indices(index), pad_id)
-                mx.random.seed(micro_seed(config.seed, index))
-                ref_chosen, ref_rejected = _reference_for(model, train_set, batch)
-                (loss, batch_sums), g = loss_and_grad(model, batch, ref_chosen, ref_rejected)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                loss_sum = loss_sum + loss
-                sums = sums + batch_sums
-                mx.eval(loss_sum, sums, grads)
-                pairs += batch.size
-                tokens += batch.sequences.tokens
-                scored += batch.sequences.trained
-            grads, norm = finish_gradients(grads, pairs, config.max_grad_norm)
-            loss = loss_sum / pairs
-            mx.eval(loss, norm, grads)
-            loss_value, norm_value = loss.item(), norm.item()
-            check_finite(step, loss_value, norm_value, last_saved, adapter_path)
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
-            elapsed = time.perf_counter() - tic
-            lr = optimizer.learning_rate.item()  # the rate this update used
-
-            step_metrics = metrics_dict(sums, pairs)
-            result.train_losses.append(loss_value)
-            result.metrics.append(step_metrics)
-            trained_tokens += scored
-            window_sums = window_sums + sums
-            window_count += pairs
-            window_tokens += tokens
-            window_time += elapsed
-            all_tokens += tokens
-            all_time += elapsed
-            report = step % config.steps_per_report == 0 or step == config.iters
-            progress = DPOProgress(
-                "step", step, config.iters, train_loss=loss_value, learning_rate=lr,
-                grad_norm=norm_value, tokens_per_second=tokens / elapsed,
-                trained_tokens=trained_tokens, peak_memory_gb=mx.get_peak_memory() / 1e9,
-                elapsed_s=time.perf_counter() - started, report=report, metrics=step_metrics,
-            )
-            if report:
-                progress.metrics = metrics_dict(window_sums, window_count)
-                progress.train_loss = progress.metrics["loss"]
-                progress.tokens_per_second = window_tokens / window_time
-                window_sums, window_count, window_tokens, window_time = (
-                    mx.zeros(len(METRICS)), 0, 0, 0.0)
-            keep_going = emit(progress)
-
-            if valid_set is not None and (step % config.steps_per_eval == 0
-                                          or step == config.iters):
-                val = evaluate_dpo(model, valid_set, dpo, config.batch_size, config.val_batches,
-                                   pad_id)
-                result.val_metrics.append((step, val))
-                result.val_losses.append((step, val["loss"]))
-                keep_going = emit(DPOProgress(
-                    "validation", step, config.iters, val_loss=val["loss"], metrics=val,
-                    peak_memory_gb=mx.get_peak_memory() / 1e9,
-                    elapsed_s=time.perf_counter() - started)) and keep_going
-            if step % config.save_every == 0:
-                save(step, numbered=True)
-        result.stopped_early = step < config.iters
-        if last_saved != step:
-            save(step, numbered=False)
-        elif result.adapter_file is None:
-            result.adapter_file = adapter_path / ADAPTER_FILE
-    finally:
-        model.eval()
-        if config.grad_checkpoint:
-            disable_grad_checkpoint(blocks)
-    result.step = step
-    result.tokens_per_second = all_tokens / all_time if all_time > 0 else 0.0
-    result.peak_memory_gb = mx.get_peak_memory() / 1e9
-    emit(DPOProgress("done", step, config.iters,
-                     train_loss=result.train_losses[-1] if result.train_losses else None,
-                     val_loss=result.val_losses[-1][1] if result.val_losses else None,
-                     tokens_per_second=result.tokens_per_second, trained_tokens=trained_tokens,
-                     peak_memory_gb=result.peak_memory_gb,
-                     elapsed_s=time.perf_counter() - started, checkpoint=result.adapter_file,
-                     metrics=result.metrics[-1] if result.metrics else {}))
-    return result
+    return run_training(objective, start, result, config=config, adapter_path=adapter_path,
+                        lora=lora, extra=extra, callback=callback)

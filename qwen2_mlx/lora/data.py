@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 from qwen2_mlx.chat import IM_END, render_chat, validate_messages
 
 SPLITS = ("train", "valid", "test")
+T = TypeVar("T")
 
 
 class DataFormatError(ValueError):
@@ -150,6 +152,21 @@ def encode_record(record: object, tokenizer, *, where: str, mask_prompt: bool = 
     return Example(tokens, mask)
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
+    """("file:line", parsed record) for each non-blank line of a JSONL file; a line that is not
+    JSON raises DataFormatError naming the file and line."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+            yield where, record
+
+
 def load_jsonl(path: str | os.PathLike, tokenizer, *, max_seq_length: int = 2048,
                mask_prompt: bool = True, chat: bool = True) -> Dataset:
     """Tokenize a JSONL file. Blank lines are skipped; a malformed line raises
@@ -160,22 +177,14 @@ def load_jsonl(path: str | os.PathLike, tokenizer, *, max_seq_length: int = 2048
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
     examples: list[Example] = []
     truncated = emptied = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            example = encode_record(record, tokenizer, where=where, mask_prompt=mask_prompt,
-                                    chat=chat)
-            if len(example.tokens) > max_seq_length:
-                truncated += 1
-                example = Example(example.tokens[:max_seq_length], example.mask[:max_seq_length])
-                emptied += not any(example.mask[1:])
-            examples.append(example)
+    for where, record in read_jsonl(path):
+        example = encode_record(record, tokenizer, where=where, mask_prompt=mask_prompt,
+                                chat=chat)
+        if len(example.tokens) > max_seq_length:
+            truncated += 1
+            example = Example(example.tokens[:max_seq_length], example.mask[:max_seq_length])
+            emptied += not any(example.mask[1:])
+        examples.append(example)
     if not examples:
         raise DataFormatError(f"{path}: the file has no examples")
     if truncated:
@@ -188,6 +197,28 @@ def load_jsonl(path: str | os.PathLike, tokenizer, *, max_seq_length: int = 2048
     return Dataset(examples, path, truncated)
 
 
+def load_splits(data_dir: str | os.PathLike, load_file: Callable[[Path], T],
+                splits: Sequence[str], expected: str) -> dict[str, T | None]:
+    """{split: load_file(<data_dir>/<split>.jsonl) or None} for `splits` of
+    ("train", "valid", "test"); train.jsonl is required when "train" is in `splits` (its
+    absence names the data directory's `expected` contents), missing other files give None."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist")
+    out: dict[str, T | None] = {}
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        file = data_dir / f"{split}.jsonl"
+        if not file.is_file():
+            if split == "train":
+                raise FileNotFoundError(f"{file} not found: the data directory needs {expected}")
+            out[split] = None
+            continue
+        out[split] = load_file(file)
+    return out
+
+
 def load_datasets(data_dir: str | os.PathLike, tokenizer, *, splits: Sequence[str] = SPLITS,
                   max_seq_length: int = 2048, mask_prompt: bool = True,
                   chat: bool = True) -> dict[str, Dataset | None]:
@@ -195,23 +226,12 @@ def load_datasets(data_dir: str | os.PathLike, tokenizer, *, splits: Sequence[st
 
     train.jsonl is required when "train" is in `splits`; missing other files give None.
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"data directory {str(data_dir)!r} does not exist")
-    out: dict[str, Dataset | None] = {}
-    for split in splits:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        file = data_dir / f"{split}.jsonl"
-        if not file.is_file():
-            if split == "train":
-                raise FileNotFoundError(f"{file} not found: the data directory needs train.jsonl "
-                                        "(and optionally valid.jsonl, test.jsonl)")
-            out[split] = None
-            continue
-        out[split] = load_jsonl(file, tokenizer, max_seq_length=max_seq_length,
-                                mask_prompt=mask_prompt, chat=chat)
-    return out
+    def load_file(file: Path) -> Dataset:
+        return load_jsonl(file, tokenizer, max_seq_length=max_seq_length,
+                          mask_prompt=mask_prompt, chat=chat)
+
+    return load_splits(data_dir, load_file, splits,
+                       "train.jsonl (and optionally valid.jsonl, test.jsonl)")
 
 
 @dataclass
