@@ -31,7 +31,9 @@ def test_wheel_maps_sibling_folders_under_qwen2_mlx(tmp_path):
     assert top == {"qwen2_mlx", wheel.name.split("-py")[0] + ".dist-info"}, top
     shipped = {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")}
     assert shipped == source_packages(), "pyproject's packages list is out of date"
-    for module in ("qwen2_mlx/cli/main.py", "qwen2_mlx/convert/__init__.py",
+    for module in ("qwen2_mlx/metal_kernels/emulator/shim/mtl_shim.h",
+                   "qwen2_mlx/metal_kernels/emulator/shim/mtl_runtime.cpp",
+                   "qwen2_mlx/cli/main.py", "qwen2_mlx/convert/__init__.py",
                    "qwen2_mlx/metal_kernels/attention.py", "qwen2_mlx/model.py"):
         assert module in names, module
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
