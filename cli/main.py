@@ -22,7 +22,10 @@ def cli() -> None:
     Examples:
       qwen2-mlx generate --prompt "Write a haiku about the sea"
       qwen2-mlx generate --model ./my-qwen2 --prompt - < question.txt
-      qwen2-mlx generate --help
+      qwen2-mlx convert --hf-path Qwen/Qwen2-7B-Instruct --mlx-path qwen2-7b-4bit -q
+      qwen2-mlx lora --model qwen2-7b-4bit --data ./my_data --iters 200
+      qwen2-mlx dpo --model Qwen/Qwen2-0.5B-Instruct --data ./prefs --beta 0.1
+      qwen2-mlx COMMAND --help
     """
 
 
