@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen2_mlx.chat_messages import check_tools
 from qwen2_mlx.tools import TOOL_CALL_FORMATS, ToolCall, ToolCallFormat
 
 THINK_OPEN = "<think>"
@@ -63,7 +64,7 @@ class OutputParser:
         """The parser for generating after `prompt_ids`: tool calls are parsed when `tools` were
         given, in the tokenizer's format; the output starts as reasoning when the prompt ends
         with an open ``<think>`` (QwQ's and DeepSeek-R1's generation prompts)."""
-        tool_format = TOOL_CALL_FORMATS[tokenizer.tool_call_format] if tools else None
+        tool_format = TOOL_CALL_FORMATS[tokenizer.tool_call_format] if check_tools(tools) else None
         tail = tokenizer.decode(list(prompt_ids)[-8:])
         return cls(tool_format, in_reasoning=tail.rstrip().endswith(THINK_OPEN))
 
