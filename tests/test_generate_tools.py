@@ -8,14 +8,11 @@ the real ones.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import pytest
 
 from qwen2_mlx import generate, stream_generate
-from qwen2_mlx.model import Model, ModelConfig
-from qwen2_mlx.tokenizer import Qwen2Tokenizer
 
-from family_tokenizers import build_family_tokenizer_files, read_template
+from scripted_model import scripted
 
 GET_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city.",
@@ -24,61 +21,27 @@ GET_WEATHER = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
-class ScriptedModel:
-    """A model whose next-token logits are pinned to `script` once the prompt is read."""
-
-    def __init__(self, model: Model, prompt_len: int, script: list[int]):
-        self.model, self.prompt_len, self.script = model, prompt_len, script
-        self.config = model.config
-        self.seen = 0
-
-    def make_cache(self, **kwargs):
-        return self.model.make_cache(**kwargs)
-
-    def __call__(self, tokens, cache=None):
-        logits = self.model(tokens, cache=cache)
-        self.seen += tokens.shape[1]
-        step = self.seen - self.prompt_len
-        if 0 <= step < len(self.script):
-            pinned = mx.arange(logits.shape[-1]) == self.script[step]
-            logits = mx.where(pinned, 1e4, -1e4).astype(logits.dtype) + 0 * logits
-        return logits
+@pytest.fixture
+def base(tiny_vocab_model):
+    return tiny_vocab_model
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    mx.random.seed(0)
-    return Model(ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=1, vocab_size=151936,
-                             tie_word_embeddings=True, max_position_embeddings=4096))
+@pytest.fixture
+def tok(qwen25_tokenizer):
+    return qwen25_tokenizer
 
 
-@pytest.fixture(scope="module")
-def qwen25(tmp_path_factory):
-    path = build_family_tokenizer_files(tmp_path_factory.mktemp("qwen25"), "qwen2.5",
-                                        read_template("qwen2.5-instruct.jinja"))
-    return Qwen2Tokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def qwq(tmp_path_factory):
-    path = build_family_tokenizer_files(tmp_path_factory.mktemp("qwq"), "qwq",
-                                        read_template("qwq-32b.jinja"))
-    return Qwen2Tokenizer.from_pretrained(path)
-
-
-def scripted(tiny_model, tokenizer, messages, output: str, tools=None, end=True):
-    prompt = tokenizer.apply_chat_template(messages, tools=tools)
-    script = tokenizer.encode(output) + ([tokenizer.token_to_id("<|im_end|>")] if end else [])
-    return ScriptedModel(tiny_model, len(prompt), script), prompt
+@pytest.fixture
+def qwq(qwq_tokenizer):
+    return qwq_tokenizer
 
 
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
-def test_forced_tool_call_is_parsed_and_finishes_with_tool_calls(tiny_model, qwen25):
-    model, prompt = scripted(tiny_model, qwen25, ASK, CALL_TEXT, tools=[GET_WEATHER])
-    responses = list(stream_generate(model, qwen25, ASK, tools=[GET_WEATHER], max_tokens=64))
+def test_forced_tool_call_is_parsed_and_finishes_with_tool_calls(base, tok):
+    model, prompt = scripted(base, tok, ASK, CALL_TEXT, tools=[GET_WEATHER])
+    responses = list(stream_generate(model, tok, ASK, tools=[GET_WEATHER], max_tokens=64))
     last = responses[-1]
     assert last.prompt_tokens == len(prompt)  # the tools were rendered into the prompt
     assert last.finish_reason == "tool_calls"
@@ -89,41 +52,41 @@ def test_forced_tool_call_is_parsed_and_finishes_with_tool_calls(tiny_model, qwe
     assert not last.malformed_tool_call
 
 
-def test_generate_returns_the_calls(tiny_model, qwen25):
-    model, _ = scripted(tiny_model, qwen25, ASK, "Checking.\n" + CALL_TEXT, tools=[GET_WEATHER])
-    result = generate(model, qwen25, ASK, tools=[GET_WEATHER], max_tokens=64)
+def test_generate_returns_the_calls(base, tok):
+    model, _ = scripted(base, tok, ASK, "Checking.\n" + CALL_TEXT, tools=[GET_WEATHER])
+    result = generate(model, tok, ASK, tools=[GET_WEATHER], max_tokens=64)
     assert result == "Checking.\n" and result.finish_reason == "tool_calls"
     assert result.tool_calls[0].name == "get_weather"
     assert result.tool_calls[0].to_openai()["function"]["arguments"] == '{"city": "Paris"}'
 
 
-def test_without_tools_the_markup_is_text(tiny_model, qwen25):
-    model, _ = scripted(tiny_model, qwen25, ASK, CALL_TEXT)
-    result = generate(model, qwen25, ASK, max_tokens=64)
+def test_without_tools_the_markup_is_text(base, tok):
+    model, _ = scripted(base, tok, ASK, CALL_TEXT)
+    result = generate(model, tok, ASK, max_tokens=64)
     assert result == CALL_TEXT and result.finish_reason == "stop" and result.tool_calls == []
 
 
-def test_malformed_call_is_text_with_the_flag(tiny_model, qwen25):
+def test_malformed_call_is_text_with_the_flag(base, tok):
     bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'
-    model, _ = scripted(tiny_model, qwen25, ASK, bad, tools=[GET_WEATHER])
-    last = list(stream_generate(model, qwen25, ASK, tools=[GET_WEATHER], max_tokens=64))[-1]
+    model, _ = scripted(base, tok, ASK, bad, tools=[GET_WEATHER])
+    last = list(stream_generate(model, tok, ASK, tools=[GET_WEATHER], max_tokens=64))[-1]
     assert last.finish_reason == "stop" and last.tool_calls == []
     assert last.full_text == bad and last.malformed_tool_call
 
 
-def test_call_cut_by_max_tokens_is_not_lost(tiny_model, qwen25):
-    model, _ = scripted(tiny_model, qwen25, ASK, CALL_TEXT, tools=[GET_WEATHER])
-    responses = list(stream_generate(model, qwen25, ASK, tools=[GET_WEATHER], max_tokens=6))
+def test_call_cut_by_max_tokens_is_not_lost(base, tok):
+    model, _ = scripted(base, tok, ASK, CALL_TEXT, tools=[GET_WEATHER])
+    responses = list(stream_generate(model, tok, ASK, tools=[GET_WEATHER], max_tokens=6))
     last = responses[-1]
     assert last.finish_reason == "length" and last.tool_calls == []
-    assert "".join(r.text for r in responses) == last.full_text == qwen25.decode(
+    assert "".join(r.text for r in responses) == last.full_text == tok.decode(
         [r.token for r in responses])
 
 
-def test_forced_think_block_is_split_into_reasoning_and_text(tiny_model, qwen25):
+def test_forced_think_block_is_split_into_reasoning_and_text(base, tok):
     output = "<think>\nThe user greets me.\n</think>\n\nHello! 你好"
-    model, _ = scripted(tiny_model, qwen25, ASK, output)
-    responses = list(stream_generate(model, qwen25, ASK, max_tokens=64))
+    model, _ = scripted(base, tok, ASK, output)
+    responses = list(stream_generate(model, tok, ASK, max_tokens=64))
     reasoning = "".join(r.reasoning for r in responses)
     text = "".join(r.text for r in responses)
     assert reasoning == "\nThe user greets me.\n" == responses[-1].reasoning_text
@@ -135,37 +98,37 @@ def test_forced_think_block_is_split_into_reasoning_and_text(tiny_model, qwen25)
     assert all(not r.reasoning for r in responses[first_text:])
 
 
-def test_qwq_prompt_opens_think_so_output_starts_as_reasoning(tiny_model, qwq):
+def test_qwq_prompt_opens_think_so_output_starts_as_reasoning(base, qwq):
     prompt_text = qwq.apply_chat_template(ASK, tokenize=False)
     assert prompt_text.endswith("<|im_start|>assistant\n<think>\n")
-    model, _ = scripted(tiny_model, qwq, ASK, "Paris is in France.\n</think>\n\nSunny.")
+    model, _ = scripted(base, qwq, ASK, "Paris is in France.\n</think>\n\nSunny.")
     result = generate(model, qwq, ASK, max_tokens=64)
     assert result == "\n\nSunny." and result.reasoning == "Paris is in France.\n"
 
 
-def test_reasoning_then_tool_call(tiny_model, qwq):
+def test_reasoning_then_tool_call(base, qwq):
     output = "I need the weather.\n</think>\n\n" + CALL_TEXT
-    model, _ = scripted(tiny_model, qwq, ASK, output, tools=[GET_WEATHER])
+    model, _ = scripted(base, qwq, ASK, output, tools=[GET_WEATHER])
     result = generate(model, qwq, ASK, tools=[GET_WEATHER], max_tokens=64)
     assert result.finish_reason == "tool_calls" and result.reasoning == "I need the weather.\n"
     assert result == "\n\n" and result.tool_calls[0].arguments == {"city": "Paris"}
 
 
-def test_the_call_goes_back_into_the_conversation(tiny_model, qwen25):
+def test_the_call_goes_back_into_the_conversation(base, tok):
     # The next turn renders the parsed call and its result with the model's own template.
-    model, _ = scripted(tiny_model, qwen25, ASK, CALL_TEXT, tools=[GET_WEATHER])
-    result = generate(model, qwen25, ASK, tools=[GET_WEATHER], max_tokens=64)
+    model, _ = scripted(base, tok, ASK, CALL_TEXT, tools=[GET_WEATHER])
+    result = generate(model, tok, ASK, tools=[GET_WEATHER], max_tokens=64)
     call = result.tool_calls[0]
     history = ASK + [{"role": "assistant", "content": result,
                       "tool_calls": [call.to_openai()]},
                      {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
-    text = qwen25.apply_chat_template(history, tools=[GET_WEATHER], tokenize=False)
+    text = tok.apply_chat_template(history, tools=[GET_WEATHER], tokenize=False)
     assert text.endswith("<|im_start|>assistant\n" + CALL_TEXT + "<|im_end|>\n<|im_start|>user\n"
                          "<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n"
                          "<|im_start|>assistant\n")
 
 
-def test_bad_tools_are_a_clear_error_for_any_prompt(tiny_model, qwen25):
-    ids = qwen25.encode("hi")
+def test_bad_tools_are_a_clear_error_for_any_prompt(base, tok):
+    ids = tok.encode("hi")
     with pytest.raises(ValueError, match="tools must be a list"):
-        generate(tiny_model, qwen25, ids, tools={"name": "f"}, max_tokens=2)
+        generate(base, tok, ids, tools={"name": "f"}, max_tokens=2)
