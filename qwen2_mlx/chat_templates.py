@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qwen2_mlx.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START
+from qwen2_mlx.chat import IM_END, IM_START, chatml
 from qwen2_mlx.chat_messages import check_tools, normalize_messages
 
 QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -67,13 +67,7 @@ def _without_thinking(content: str) -> str:
 def render_qwen2(messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                  bos_token: str | None = None) -> str:
     """Qwen2-Instruct's ChatML: a default system message when the first is not a system one."""
-    parts = []
-    if messages[0]["role"] != "system":
-        parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
-    parts.extend(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
+    return chatml(messages, add_generation_prompt)
 
 
 def render_qwen25(messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
