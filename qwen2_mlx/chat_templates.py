@@ -270,7 +270,7 @@ DEEPSEEK_R1_2025_01 = ChatFormat(
     reasoning=True,
 )
 
-# sha256 of each published template text (see tests/data/chat_templates/SOURCES.md).
+# template_fingerprint of each published text (tests/data/chat_templates/SOURCES.md).
 _EXACT_FINGERPRINTS = {
     "793202280c0910ab26bc6eb57c8212c2417324c6d8c4efd0d10d59092ab3e3eb": QWEN2,
     "cb2d7aa140bed098f4ac8ab1a403980e6768d58ec95ef701668fc7dd017e0762": QWQ,
@@ -278,7 +278,7 @@ _EXACT_FINGERPRINTS = {
     "56a1447ad31926fdc21fb07e56e5642bd9c850c4f52d8c8af7bbe5f079a84f5f": DEEPSEEK_R1,
     "b6835114b7303ddd78919a82e4d9f7d8c26ed0d7dfc36beeb12d524f6144eab1": DEEPSEEK_R1_2025_01,
 }
-# sha256 of the Qwen2.5 layout with its default-system literal replaced by SYSTEM_SLOT.
+# template_fingerprint of the Qwen2.5 layout, its default-system literal replaced by SYSTEM_SLOT.
 _QWEN25_LAYOUT_FINGERPRINTS = {
     "0e6f40109d1a6ba4fb814586dbd782b00790d55200c7fe72323af9323b1953bb": CALL_EXAMPLE,
     "7aa1d1a4275f24115d082002085bf7d0d2b26db752b3562a796bf1bcb6027c9b": CALL_EXAMPLE_DOUBLED,
