@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -16,7 +17,12 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
               help="The prompt; '-' reads it from stdin.")
 @click.option("--system", "-s", default=None, help="System prompt (chat mode only).")
 @click.option("--chat/--no-chat", default=True, show_default=True,
-              help="Format the prompt with the Qwen2 chat template.")
+              help="Format the prompt with the model's chat template.")
+@click.option("--tools", "tools_file", default=None, type=click.Path(dir_okay=False),
+              help="A JSON file with a list of OpenAI function schemas the model may call; "
+                   "its calls print as JSON lines after the answer.")
+@click.option("--hide-reasoning", is_flag=True,
+              help="Drop a reasoning model's thinking (<think>...</think>) from the output.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1),
               help="Most tokens to generate.")
 @click.option("--temp", type=float, default=None,
@@ -52,8 +58,11 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
-                     verbose) -> None:
+                     verbose, tools_file, hide_reasoning) -> None:
     """Generate text from a prompt, streamed to stdout.
+
+    A reasoning model's thinking shows dimmed on a terminal, and between <think> and </think>
+    when the output is piped; --hide-reasoning drops it.
 
     \b
     Examples:
@@ -63,12 +72,15 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m ./base-model --no-chat -p "Once upon a time" --max-tokens 64
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --dca --kv-bits 8 --prompt - < book.txt
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --yarn-factor 4 --prompt - < long.txt
+      qwen2-mlx generate -m Qwen/QwQ-32B -p "Is 1001 prime?" --hide-reasoning
+      qwen2-mlx generate -m Qwen/Qwen2.5-7B-Instruct -p "Weather in Oslo?" --tools tools.json
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
+    tools = read_tools(tools_file) if tools_file else None
     try:
         mlx_model, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
                                     chunk_size=chunk_size, local_size=local_size,
@@ -86,19 +98,75 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
     sampling = sampling_options(tokenizer.generation_defaults, temp, top_p, top_k, min_p,
                                 repetition_penalty)
     last = None
+    show = ReasoningDisplay(hidden=hide_reasoning, terminal=stdout_is_terminal())
     try:
         for last in stream_generate(
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
             stop=list(stop), prefill_step_size=prefill_step_size,
             repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, **sampling,
+            kv_bits=int(kv_bits) if kv_bits else None, tools=tools, **sampling,
         ):
-            click.echo(last.text, nl=False)
+            click.echo(show(last.reasoning, last.text), nl=False)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    click.echo()
+    click.echo(show.close())
+    if last is not None:
+        for call in last.tool_calls:
+            click.echo(json.dumps(call.to_openai(), ensure_ascii=False))
+        if last.malformed_tool_call:
+            click.echo("note: the model wrote a tool call that is not valid JSON; it is shown "
+                       "as text", err=True)
     if verbose and last is not None:
         click.echo(format_stats(last), err=True)
+
+
+def stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+class ReasoningDisplay:
+    """Interleaves reasoning and answer pieces for printing: reasoning dimmed (ANSI) on a
+    terminal, between <think> and </think> otherwise, or dropped when hidden."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, hidden: bool, terminal: bool) -> None:
+        self.hidden, self.terminal = hidden, terminal
+        self.open = False
+
+    def __call__(self, reasoning: str, text: str) -> str:
+        out = []
+        if reasoning and not self.hidden:
+            if not self.open:
+                out.append(self.DIM if self.terminal else "<think>")
+                self.open = True
+            out.append(reasoning)
+        if text:
+            out.append(self.close())
+        out.append(text)
+        return "".join(out)
+
+    def close(self) -> str:
+        """The end marker if reasoning is still open (it ends the output)."""
+        if not self.open:
+            return ""
+        self.open = False
+        return self.RESET if self.terminal else "</think>"
+
+
+def read_tools(path: str) -> list[dict]:
+    """The function schemas in a JSON file: a list, or an object with a "tools" list."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise click.ClickException(f"cannot read --tools file {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise click.ClickException(f"--tools file {path} is not valid JSON: {e}") from e
+    tools = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(tools, list):
+        raise click.ClickException(f"--tools file {path} must hold a list of function schemas")
+    return tools
 
 
 def sampling_options(defaults: dict, temp, top_p, top_k, min_p, repetition_penalty) -> dict:

@@ -6,20 +6,24 @@
 """
 
 from qwen2_mlx.cache import KVCache, load_cache, save_cache
-from qwen2_mlx.generate import GenerationResponse, generate, stream_generate
+from qwen2_mlx.generate import GenerationResponse, GenerationResult, generate, stream_generate
 from qwen2_mlx.loader import load
 from qwen2_mlx.model import Model, ModelConfig
 from qwen2_mlx.sampling import SamplingParams
+from qwen2_mlx.tools import ToolCall, parse_tool_calls
 
 __all__ = [
     "GenerationResponse",
+    "GenerationResult",
     "KVCache",
     "Model",
     "ModelConfig",
     "SamplingParams",
+    "ToolCall",
     "generate",
     "load",
     "load_cache",
+    "parse_tool_calls",
     "save_cache",
     "stream_generate",
 ]

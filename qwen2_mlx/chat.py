@@ -7,7 +7,7 @@ else is a fixed wrapper around each message, so a few lines of Python reproduce 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from qwen2_mlx.chat_messages import check_message_list
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -30,23 +30,13 @@ def _format_message(role: str, content: str) -> str:
 
 def validate_messages(messages: object) -> None:
     """Raise ValueError unless `messages` is a non-empty list of {'role': str, 'content': str}."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(
-            f"messages must be a list of dicts with 'role' and 'content', "
-            f"got {type(messages).__name__}"
-        )
-    if len(messages) == 0:
-        raise ValueError("messages must not be empty")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be a dict, got {type(message).__name__}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise ValueError(f"messages[{i}] has no '{key}' key")
-            if not isinstance(message[key], str):
-                raise ValueError(
-                    f"messages[{i}]['{key}'] must be a str, got {type(message[key]).__name__}"
-                )
+    for i, message in enumerate(check_message_list(messages)):
+        if "content" not in message:
+            raise ValueError(f"messages[{i}] has no 'content' key")
+        if not isinstance(message["content"], str):
+            raise ValueError(
+                f"messages[{i}]['content'] must be a str, got {type(message['content']).__name__}"
+            )
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -58,6 +48,11 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
     Extra keys in a message are ignored, as the template ignores them.
     """
     validate_messages(messages)
+    return chatml(messages, add_generation_prompt)
+
+
+def chatml(messages: list[dict], add_generation_prompt: bool) -> str:
+    """Qwen2-Instruct's rendering of already checked messages (see `render_chat`)."""
     parts = []
     if messages[0]["role"] != "system":
         parts.append(_format_message("system", DEFAULT_SYSTEM_PROMPT))

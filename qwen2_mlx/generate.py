@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 
 from qwen2_mlx.cache import KVCache
+from qwen2_mlx.output_parser import OutputParser
 from qwen2_mlx.sampling import (
     SamplingParams,
     apply_logits_processors,
     make_logits_processors,
     make_sampler,
 )
+from qwen2_mlx.tools import ToolCall
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -23,9 +25,13 @@ Prompt = str | Sequence[int] | Sequence[dict]
 class GenerationResponse:
     """One generated token and the text it completed, plus running statistics.
 
-    `text` is the newly printable text (it may be empty while a multi-byte character or a
-    possible stop string is held back). The last response has `finish_reason` set to
-    "stop" (EOS or a stop string) or "length" (max_tokens or the context end).
+    `text` is the newly printable answer text (it may be empty while a multi-byte character,
+    a possible stop string or possible markup is held back) and `reasoning` the newly printable
+    reasoning (text inside ``<think>...</think>``). The last response has `finish_reason` set to
+    "stop" (EOS or a stop string), "tool_calls" (it stopped after calling tools) or "length"
+    (max_tokens or the context end), and carries the whole answer (`full_text`), the whole
+    reasoning (`reasoning_text`), the parsed `tool_calls` (when tools were given) and whether
+    some tool-call markup was malformed and passed on as text (`malformed_tool_call`).
     """
 
     text: str
@@ -37,6 +43,11 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    full_text: str | None = None
+    reasoning_text: str | None = None
+    malformed_tool_call: bool = False
 
 
 def generate_step(
@@ -103,13 +114,15 @@ def generate_step(
             token, logprobs = next_token, next_logprobs
 
 
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt given as text, ids or chat messages (templated for generation)."""
+def encode_prompt(tokenizer, prompt: Prompt, tools: Sequence[dict] | None = None) -> list[int]:
+    """Token ids of a prompt given as text, ids or chat messages (templated for generation,
+    with `tools` shown to the model)."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
     items = list(prompt)
     if items and all(isinstance(m, dict) for m in items):
-        return tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
+        return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True,
+                                             tokenize=True)
     if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
         return items
     raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
@@ -143,6 +156,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     cache: list[KVCache] | None = None,
     kv_bits: int | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -156,9 +170,13 @@ def stream_generate(
         prefill_step_size: prompt tokens processed per forward pass.
         cache: per-layer caches to continue from (e.g. a saved prompt cache).
         kv_bits: store a new KV cache quantized to this many bits (8 halves its memory).
+        tools: OpenAI function schemas. A chat prompt shows them to the model (through its
+            template); with any prompt, the tool calls the model writes are parsed out of
+            `text` into the last response's `tool_calls` (finish_reason "tool_calls").
 
-    Generation stops at any of `tokenizer.eos_token_ids` (not printed), a stop string,
-    `max_tokens`, or the model's context length.
+    Reasoning (``<think>...</think>``, also when the prompt opened the ``<think>``) streams in
+    `reasoning`, apart from `text`. Generation stops at any of `tokenizer.eos_token_ids` (not
+    printed), a stop string, `max_tokens`, or the model's context length.
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
@@ -171,7 +189,7 @@ def stream_generate(
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError("stop strings must be non-empty strings")
 
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, tools)
     cached = cache[0].offset if cache else 0
     context = model.config.context_length
     if cached + len(ids) > context:
@@ -190,6 +208,7 @@ def stream_generate(
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
+    parser = OutputParser.for_prompt(tokenizer, ids, tools)
 
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -222,9 +241,18 @@ def stream_generate(
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        parsed = parser.feed(text)
+        final = {}
+        if finish is not None:
+            parsed = parsed + parser.finish()
+            if finish == "stop" and parser.tool_calls:
+                finish = "tool_calls"
+            final = dict(tool_calls=list(parser.tool_calls), full_text=parser.text,
+                         reasoning_text=parser.reasoning, malformed_tool_call=parser.malformed)
         elapsed = time.perf_counter() - tic
         yield GenerationResponse(
-            text=text,
+            text=parsed.text,
+            reasoning=parsed.reasoning,
             token=token,
             logprob=logprobs[token].item(),
             prompt_tokens=len(ids),
@@ -233,26 +261,53 @@ def stream_generate(
             generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            **final,
         )
         if finish is not None:
             return
 
 
-def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
-    """Generate and return the whole text; keyword arguments as for `stream_generate`.
+class GenerationResult(str):
+    """The generated answer text (a str), with the last response's details as attributes:
+    `finish_reason`, `tool_calls`, `reasoning` (all of it) and `response`."""
 
-    With `verbose`, the text streams to stdout and the speed and memory figures follow.
+    response: GenerationResponse | None
+
+    def __new__(cls, text: str, response: GenerationResponse | None) -> GenerationResult:
+        result = super().__new__(cls, text)
+        result.response = response
+        return result
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.response.finish_reason if self.response else None
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self.response.tool_calls if self.response else []
+
+    @property
+    def reasoning(self) -> str:
+        return (self.response.reasoning_text or "") if self.response else ""
+
+
+def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False,
+             **kwargs) -> GenerationResult:
+    """Generate and return the whole answer text; keyword arguments as for `stream_generate`.
+
+    The result is a str with `finish_reason`, `tool_calls` and `reasoning` attributes. With
+    `verbose`, the text streams to stdout and the speed and memory figures follow.
     """
     pieces = []
     last = None
     for last in stream_generate(model, tokenizer, prompt, **kwargs):
         pieces.append(last.text)
         if verbose:
-            print(last.text, end="", flush=True)
+            print(last.reasoning + last.text, end="", flush=True)
     if verbose and last is not None:
         print()
         print(format_stats(last))
-    return "".join(pieces)
+    return GenerationResult("".join(pieces), last)
 
 
 def format_stats(response: GenerationResponse) -> str:

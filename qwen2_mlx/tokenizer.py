@@ -17,13 +17,14 @@ from __future__ import annotations
 import codecs
 import json
 import shutil
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders
 
-from qwen2_mlx.chat import QWEN2_CHAT_TEMPLATE, render_chat
+from qwen2_mlx.chat_messages import check_message_list, check_tools
+from qwen2_mlx.chat_templates import ChatFormat, recognize_chat_template
+from qwen2_mlx.jinja_template import render_jinja_template
 
 # Files save_pretrained copies when the source directory has them (config.json is the model's,
 # not the tokenizer's, and is left to the model writer).
@@ -120,17 +121,13 @@ class Qwen2Tokenizer:
         tc = self._tokenizer_config
         self.bos_token = _token_string(tc.get("bos_token"), "tokenizer_config.json bos_token")
         self.pad_token = _token_string(tc.get("pad_token"), "tokenizer_config.json pad_token")
-        self.chat_template = chat_template if chat_template is not None else tc.get(
-            "chat_template"
+        # chat_template.jinja wins over tokenizer_config.json, as in transformers 5.
+        self._chat_templates = _named_templates(
+            chat_template if chat_template is not None else tc.get("chat_template")
         )
-        if isinstance(self.chat_template, str) and (
-            self.chat_template.strip() != QWEN2_CHAT_TEMPLATE
-        ):
-            warnings.warn(
-                "this model's chat template differs from Qwen2-Instruct's; apply_chat_template "
-                "renders Qwen2-Instruct's ChatML regardless",
-                stacklevel=3,
-            )
+        self.chat_template: str | None = self._chat_templates.get("default")
+        # The built-in renderer for this template, or None when it needs jinja (or is absent).
+        self.chat_format: ChatFormat | None = recognize_chat_template(self.chat_template)
 
         self.eos_token_ids = self._collect_eos_ids()
         eos = _token_string(tc.get("eos_token"), "tokenizer_config.json eos_token")
@@ -303,12 +300,66 @@ class Qwen2Tokenizer:
     def apply_chat_template(
         self,
         messages: list[dict],
+        tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
         tokenize: bool = True,
+        **template_kwargs,
     ) -> list[int] | str:
-        """Qwen2-Instruct ChatML for `messages`: token ids, or the text when tokenize=False."""
-        text = render_chat(messages, add_generation_prompt=add_generation_prompt)
+        """The model's own chat template applied to `messages`, as transformers applies it.
+
+        Args:
+            messages: ``[{"role": ..., "content": ...}, ...]``; content is a string or a list of
+                text parts; an assistant message may carry OpenAI-style ``tool_calls`` (its
+                content may then be None) and ``tool`` messages carry results.
+            tools: OpenAI function schemas (``{"type": "function", "function": {...}}``) shown
+                to the model; an error for templates that do not show tools.
+            add_generation_prompt: end with the assistant header so the model answers next.
+            tokenize: return token ids (True) or the prompt text (False).
+            template_kwargs: extra template variables (e.g. ``enable_thinking``); the special
+                tokens (``bos_token``...) can be overridden here too.
+
+        The families' templates are rendered by built-in code (`self.chat_format`); any other
+        template by jinja2 in a sandbox (``pip install "qwen2-mlx[templates]"``).
+        """
+        check_message_list(messages)
+        tools = check_tools(tools)
+        template = self._chat_templates.get("tool_use") if tools else None
+        if template is not None:
+            fmt = recognize_chat_template(template)
+        else:
+            template, fmt = self.chat_template, self.chat_format
+        if template is None:
+            raise ValueError(
+                "this tokenizer has no chat template (no chat_template in tokenizer_config.json "
+                "and no chat_template.jinja); give the prompt as text or token ids"
+            )
+        special = self.special_tokens_map
+        if fmt is not None:
+            bos = template_kwargs.get("bos_token", special.get("bos_token"))
+            text = fmt.render(messages, tools, add_generation_prompt, bos_token=bos)
+        else:
+            text = render_jinja_template(template, list(messages), tools,
+                                         bool(add_generation_prompt), special, **template_kwargs)
         return self.encode(text) if tokenize else text
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens a chat template sees (those that are set), as in transformers."""
+        tc = self._tokenizer_config
+        tokens = {"bos_token": self.bos_token,
+                  "eos_token": _token_string(tc.get("eos_token"), "tokenizer_config eos_token"),
+                  "unk_token": _token_string(tc.get("unk_token"), "tokenizer_config unk_token"),
+                  "pad_token": self.pad_token}
+        return {k: v for k, v in tokens.items() if v is not None}
+
+    @property
+    def tool_call_format(self) -> str:
+        """How this model writes tool calls: "qwen" (``<tool_call>`` JSON) or "deepseek"."""
+        if self.chat_format is not None and self.chat_format.tool_call_format:
+            return self.chat_format.tool_call_format
+        if self.chat_template and "tool▁calls▁begin" in self.chat_template:
+            return "deepseek"
+        return "qwen"
 
     def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
         """A fresh StreamingDetokenizer over this tokenizer."""
@@ -344,6 +395,21 @@ class Qwen2Tokenizer:
                 path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
                 written.append(path)
         return written
+
+
+def _named_templates(value: object) -> dict[str, str]:
+    """tokenizer_config's chat_template: one text, or a list of {"name", "template"} entries."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str)
+        and isinstance(t.get("template"), str) for t in value
+    ):
+        return {t["name"]: t["template"] for t in value}
+    raise ValueError("tokenizer_config.json chat_template must be a string or a list of "
+                     "{'name': ..., 'template': ...} entries")
 
 
 class StreamingDetokenizer:

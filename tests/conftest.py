@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from family_tokenizers import build_family_tokenizer_files, read_template
 from hub_server import hub_server  # noqa: F401  (fixture: a fake Hugging Face Hub on loopback)
+from scripted_model import tiny_model_with_qwen_vocab
 from tokenizer_fixture import build_qwen2_tokenizer_files, build_tiny_tokenizer_files
 
 TINY_VOCAB = 512
@@ -140,3 +142,29 @@ def qwen2_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token byte-level BPE with Qwen2's special tokens at the last three ids."""
     return build_tiny_tokenizer_files(tmp_path_factory.mktemp("tiny_tokenizer"), TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def qwen25_tokenizer(tmp_path_factory):
+    """Qwen2.5-Instruct's tokenizer (real vocabulary and added tokens) and chat template."""
+    from qwen2_mlx.tokenizer import Qwen2Tokenizer
+
+    path = build_family_tokenizer_files(tmp_path_factory.mktemp("qwen25"), "qwen2.5",
+                                        read_template("qwen2.5-instruct.jinja"))
+    return Qwen2Tokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def qwq_tokenizer(tmp_path_factory):
+    """QwQ-32B's tokenizer and chat template (its generation prompt opens <think>)."""
+    from qwen2_mlx.tokenizer import Qwen2Tokenizer
+
+    path = build_family_tokenizer_files(tmp_path_factory.mktemp("qwq"), "qwq",
+                                        read_template("qwq-32b.jinja"))
+    return Qwen2Tokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab_model():
+    """A tiny random model with Qwen2's full vocabulary size, for scripted outputs."""
+    return tiny_model_with_qwen_vocab()

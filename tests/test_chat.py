@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
@@ -156,10 +155,9 @@ def test_invalid_messages(messages, match):
         render_chat(messages)
 
 
-def test_warns_only_for_a_different_chat_template(real_dir, tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Qwen2Tokenizer.from_pretrained(real_dir)
+def test_template_is_read_from_the_checkpoint(real_dir, tmp_path):
+    # No more "renders Qwen2's ChatML regardless": the checkpoint's own template decides.
+    assert Qwen2Tokenizer.from_pretrained(real_dir).chat_format.name == "qwen2"
     d = tmp_path / "qwen25_like"
     shutil.copytree(real_dir, d)
     config = json.loads((d / "tokenizer_config.json").read_text())
@@ -167,10 +165,10 @@ def test_warns_only_for_a_different_chat_template(real_dir, tmp_path):
         "You are a helpful assistant.", "You are Qwen, created by Alibaba Cloud."
     )
     (d / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="chat template differs"):
-        Qwen2Tokenizer.from_pretrained(d)
-    # transformers 5 may store the template in chat_template.jinja instead.
+    changed = Qwen2Tokenizer.from_pretrained(d)
+    assert changed.chat_format is None  # not a published text: rendered by jinja2
+    assert "You are Qwen, created by Alibaba Cloud." in changed.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False)
+    # transformers 5 may store the template in chat_template.jinja, which wins.
     (d / "chat_template.jinja").write_text(QWEN2_CHAT_TEMPLATE + "\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Qwen2Tokenizer.from_pretrained(d)
+    assert Qwen2Tokenizer.from_pretrained(d).chat_format.name == "qwen2"

@@ -59,3 +59,81 @@ def test_default_model_offline_says_how_to_use_a_local_directory(runner, tmp_pat
 def test_invalid_sampling_flag_is_a_clear_error(runner, tiny_checkpoint):
     result = runner.invoke(cli, ["generate", "-m", str(tiny_checkpoint), "--top-p", "2"])
     assert result.exit_code == 1 and "top_p" in result.stderr
+
+
+def _scripted_cli(monkeypatch, base, tokenizer, output, tools=None):
+    """Make `generate` load a model scripted to answer the default chat prompt with `output`."""
+    from qwen2_mlx import loader
+
+    from scripted_model import scripted
+
+    def load(*args, **kwargs):  # a fresh script per run
+        model, _ = scripted(base, tokenizer, [{"role": "user", "content": "hi"}], output,
+                            tools=tools)
+        return model, tokenizer
+
+    monkeypatch.setattr(loader, "load", load)
+
+
+THOUGHT = "<think>\nThe user says hi.\n</think>\n\nHello!"
+
+
+def test_reasoning_between_think_markers_when_piped(runner, monkeypatch, tiny_vocab_model,
+                                                     qwen25_tokenizer):
+    _scripted_cli(monkeypatch, tiny_vocab_model, qwen25_tokenizer, THOUGHT)
+    result = runner.invoke(cli, ["generate", "-p", "hi", "--max-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == THOUGHT + "\n"
+
+
+def test_reasoning_dimmed_on_a_terminal(runner, monkeypatch, tiny_vocab_model, qwen25_tokenizer):
+    from qwen2_mlx.cli import generate_command
+
+    _scripted_cli(monkeypatch, tiny_vocab_model, qwen25_tokenizer, THOUGHT)
+    monkeypatch.setattr(generate_command, "stdout_is_terminal", lambda: True)
+    result = runner.invoke(cli, ["generate", "-p", "hi", "--max-tokens", "40"], color=True)
+    assert result.stdout == "\x1b[2m\nThe user says hi.\n\x1b[0m\n\nHello!\n"
+
+
+def test_hide_reasoning(runner, monkeypatch, tiny_vocab_model, qwq_tokenizer):
+    # QwQ's prompt opens <think>, so the output starts inside the reasoning.
+    _scripted_cli(monkeypatch, tiny_vocab_model, qwq_tokenizer, "Hmm.\n</think>\n\nHello!")
+    result = runner.invoke(cli, ["generate", "-p", "hi", "--hide-reasoning",
+                                 "--max-tokens", "40"])
+    assert result.stdout == "\n\nHello!\n"
+    shown = runner.invoke(cli, ["generate", "-p", "hi", "--max-tokens", "40"])
+    assert shown.stdout == "<think>Hmm.\n</think>\n\nHello!\n"
+
+
+def test_tools_file_and_calls_as_json_lines(runner, monkeypatch, tmp_path, tiny_vocab_model,
+                                            qwen25_tokenizer):
+    import json
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    _scripted_cli(monkeypatch, tiny_vocab_model, qwen25_tokenizer, call, tools=tools)
+    result = runner.invoke(cli, ["generate", "-p", "hi", "--tools", str(tmp_path / "tools.json"),
+                                 "--max-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == ""
+    printed = json.loads(lines[1])
+    assert printed["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert printed["type"] == "function" and printed["id"].startswith("call_")
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not valid JSON"),
+    ('{"tools": 3}', "must hold a list"),
+    ("[1]", "tools\\[0\\] must be a JSON schema dict"),
+])
+def test_bad_tools_file_is_one_clear_line(runner, tmp_path, tiny_checkpoint, content, match):
+    (tmp_path / "tools.json").write_text(content)
+    result = runner.invoke(cli, ["generate", "-m", str(tiny_checkpoint), "-p", "hi",
+                                 "--tools", str(tmp_path / "tools.json")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0
+    import re
+    assert re.search(match, result.stderr)

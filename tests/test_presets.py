@@ -51,3 +51,45 @@ def test_presets_are_consistent():
 def test_unknown_preset():
     with pytest.raises(KeyError, match="unknown preset"):
         preset("Qwen2-3B")
+
+
+# Parameter counts of the qwen2-family checkpoints as leaderboards publish them: the "params"
+# field (billions) of their eval-request files, which the Hugging Face leaderboards compute from
+# the checkpoint's safetensors. A lazily built preset must round to the same figure.
+# Sources (request files under huggingface.co/datasets/.../requests):
+#   Qwen2.5-0.5B: 0.494 (the card says "0.49B"; same shapes as Qwen2-0.5B, whose
+#     open-llm-leaderboard request says 0.494)  Qwen2.5-1.5B-Instruct: 1.544 (silma-ai)
+#   Qwen2.5-3B-Instruct: 3.086 (OALL, ThaiLLM)  Qwen2.5-7B: 7.616 (OALL)
+#   Qwen2.5-14B-Instruct: 14.77 (OALL)  Qwen2.5-32B-Instruct: 32.764 (OALL)
+#   Qwen2.5-72B-Instruct: 72.706 (ThaiLLM, hallucinations-leaderboard)
+#   QwQ-32B: 32.764 (openlifescienceai)  DeepSeek-R1-Distill-Qwen-1.5B/7B/14B: 1.777, 7.616,
+#   14.77 (mii-llm). DeepSeek-R1-Distill-Qwen-32B: no request file found; its config.json (Hub
+#   history mirrored at github.com/Evilcarbon/DeepSeek-R1-Distill-Qwen-32B) has Qwen2.5-32B's
+#   shapes, so Qwen2.5-32B's 32.764. The model cards' own figures are coarser and for 32B off
+#   ("32.5B" for 32.76B).
+PUBLISHED_BILLIONS = {
+    "Qwen2.5-0.5B": "0.494", "Qwen2.5-1.5B": "1.544", "Qwen2.5-3B": "3.086",
+    "Qwen2.5-7B": "7.616", "Qwen2.5-14B": "14.77", "Qwen2.5-32B": "32.764",
+    "Qwen2.5-72B": "72.706", "QwQ-32B": "32.764", "DeepSeek-R1-Distill-Qwen-1.5B": "1.777",
+    "DeepSeek-R1-Distill-Qwen-7B": "7.616", "DeepSeek-R1-Distill-Qwen-14B": "14.77",
+    "DeepSeek-R1-Distill-Qwen-32B": "32.764",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
+def test_family_preset_rounds_to_the_published_count(name):
+    published = PUBLISHED_BILLIONS[name]
+    decimals = len(published.split(".")[1])
+    count = sum(p.size for _, p in tree_flatten(Model(preset(name)).parameters()))
+    assert f"{count / 1e9:.{decimals}f}" == published
+
+
+def test_family_presets_context_and_rope():
+    # The fields a parameter count cannot see, from the same config.json files.
+    assert {n: preset(n).rope_theta for n in PUBLISHED_BILLIONS
+            if preset(n).rope_theta != 1e6} == {"DeepSeek-R1-Distill-Qwen-1.5B": 10000.0,
+                                                "DeepSeek-R1-Distill-Qwen-7B": 10000.0}
+    assert preset("Qwen2.5-7B").context_length == 32768
+    assert preset("QwQ-32B").context_length == preset("DeepSeek-R1-Distill-Qwen-32B").context_length
+    assert preset("QwQ-32B").context_length == 131072
+    assert all(not preset(n).use_sliding_window for n in PUBLISHED_BILLIONS)
