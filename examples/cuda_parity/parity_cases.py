@@ -255,7 +255,8 @@ def build_checkpoint(
 
 def prompt_ids(case: Case) -> list[int]:
     g = torch.Generator().manual_seed(_tensor_seed(case.seed, "prompt"))
-    return torch.randint(0, FIRST_SPECIAL_ID, (case.prompt_length,), generator=g).tolist()
+    high = min(FIRST_SPECIAL_ID, case.config["vocab_size"])
+    return torch.randint(0, high, (case.prompt_length,), generator=g).tolist()
 
 
 def selected_positions(case: Case) -> list[int]:
@@ -300,6 +301,17 @@ def margin(row: np.ndarray) -> float:
 def sketch_rms_error(a: list, b: list) -> float:
     """Estimated rms difference of two full rows (or lists of rows) from their sketches."""
     return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def golden_path(directory: Path, case: str, device: str) -> Path:
