@@ -49,6 +49,7 @@ def cpu_memory_needed(case: pc.Case) -> int:
     per_parameter = 8 if case.config["model_type"] == "qwen2_moe" else 5
     return per_parameter * pc.parameter_count(case)
 
+
 _START = time.monotonic()
 
 
