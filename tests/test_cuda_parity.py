@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -241,6 +242,8 @@ def tiny_goldens(tmp_path_factory):
     out = tmp_path_factory.mktemp("goldens")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(pc.CASES, TINY.name, TINY)
+        # As if imported long before (late in a full run): the budget must not count that.
+        mp.setattr(make_goldens, "_START", time.monotonic() - 10_000)
         assert make_goldens.main(["--cpu", "--cases", "tiny", "--out", str(out)]) == 0
     return out
 
@@ -263,6 +266,15 @@ def test_make_goldens_keeps_existing_goldens(tiny_goldens, capsys):
         assert make_goldens.main(["--cpu", "--cases", "tiny", "--out", str(tiny_goldens)]) == 0
     assert "exists, skipped (--force to redo)" in capsys.readouterr().out
     assert (tiny_goldens / "tiny.cpu.json").read_bytes() == before
+
+
+def test_make_goldens_stops_at_its_time_budget(tmp_path, capsys):
+    """No case starts once the budget is spent (counted from main(), not from the import);
+    the exit status says so and a rerun resumes."""
+    assert make_goldens.main(["--cpu", "--cases", "yarn", "--out", str(tmp_path),
+                              "--budget-s", "0"]) == 3
+    assert "time budget of 0s spent; rerun to resume" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
 
 
 def test_make_goldens_without_cuda_says_use_cpu(tmp_path, capsys):

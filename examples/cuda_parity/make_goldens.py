@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=540,
                         help="start no new case after this many seconds (default 540)")
     args = parser.parse_args(argv)
+    global _START
+    _START = time.monotonic()  # the budget counts from this run's start, not the import
 
     if args.cpu:
         device = "cpu"
