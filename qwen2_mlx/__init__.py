@@ -5,18 +5,22 @@
     >>> generate(model, tokenizer, [{"role": "user", "content": "Hi"}], max_tokens=32)
 """
 
-from qwen2_mlx.cache import KVCache, load_cache, save_cache
+from qwen2_mlx.cache import KVCache, ModelCache, load_cache, save_cache
 from qwen2_mlx.generate import GenerationResponse, generate, stream_generate
 from qwen2_mlx.loader import load
 from qwen2_mlx.model import Model, ModelConfig
 from qwen2_mlx.sampling import SamplingParams
+from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 __all__ = [
     "GenerationResponse",
     "KVCache",
     "Model",
+    "ModelCache",
     "ModelConfig",
     "SamplingParams",
+    "TokenIdError",
+    "check_token_ids",
     "generate",
     "load",
     "load_cache",

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen2_mlx.cache import KVCache, QuantizedKVCache
+from qwen2_mlx.cache import KVCache, ModelCache, QuantizedKVCache
 from qwen2_mlx.long_context import LongContext, resolve_long_context, with_long_context
 from qwen2_mlx.metal_kernels.attention import (
     quantized_scaled_dot_product_attention,
@@ -24,6 +24,7 @@ from qwen2_mlx.metal_kernels.dual_chunk_attention import dca_write_keys, dual_ch
 from qwen2_mlx.metal_kernels.quantized import swiglu
 from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, moe_quant_predicate, stack_expert_weights
 from qwen2_mlx.rope import RoPE
+from qwen2_mlx.validation import TokenIdError, check_token_array
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 
@@ -366,9 +367,26 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """Logits (B, L, vocab) of `input_ids` (B, L), appended to `cache` when given.
+
+        The ids are checked first (integers in [0, vocab_size); a TokenIdError names the
+        first bad one): one min/max reduction and a sync on the input. A decode loop that
+        feeds back its own sampled tokens calls `forward`, which skips the check.
+        """
+        if not isinstance(input_ids, mx.array):
+            raise TokenIdError(
+                f"input_ids must be an mx.array of shape (batch, length), got "
+                f"{type(input_ids).__name__}")
+        check_token_array(input_ids, self.config.vocab_size)
+        return self.forward(input_ids, cache)
+
+    def forward(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """`__call__` without the id check, for ids known to be in range (sampled ones)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}")
         h = self.model(input_ids, cache)
+        if isinstance(cache, ModelCache):
+            cache.add_tokens(input_ids)
         if self.config.tie_word_embeddings:
             # as_linear also works for a quantized embedding.
             return self.model.embed_tokens.as_linear(h)
@@ -380,17 +398,18 @@ class Model(nn.Module):
 
     def make_cache(
         self, kv_bits: int | None = None, kv_group_size: int | None = None
-    ) -> list[KVCache]:
-        """One growing KV cache per layer; `kv_bits=8` stores it 8-bit quantized.
+    ) -> ModelCache:
+        """One growing KV cache per layer, as a `ModelCache` (a list of them that also records
+        the token ids they hold); `kv_bits=8` stores it 8-bit quantized.
 
         The quantization group runs along head_dim: 64 when it divides head_dim (Qwen2's
         64 and 128), else 32.
         """
         mode = self.layers[0].self_attn.mode
         if kv_bits is None:
-            return [KVCache(mode=mode) for _ in self.layers]
+            return ModelCache(KVCache(mode=mode) for _ in self.layers)
         group = kv_group_size or (64 if self.config.head_dim % 64 == 0 else 32)
-        return [QuantizedKVCache(kv_bits, group, mode=mode) for _ in self.layers]
+        return ModelCache(QuantizedKVCache(kv_bits, group, mode=mode) for _ in self.layers)
 
     def set_long_context(
         self,
