@@ -20,7 +20,12 @@ from qwen2_mlx.metal_kernels.attention import (
     quantized_scaled_dot_product_attention,
     scaled_dot_product_attention,
 )
-from qwen2_mlx.metal_kernels.dual_chunk_attention import dca_write_keys, dual_chunk_attention
+from qwen2_mlx.metal_kernels.dispatch import kernel_backend
+from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+    dca_write_keys,
+    dual_chunk_attention,
+    quantized_dual_chunk_attention,
+)
 from qwen2_mlx.metal_kernels.quantized import swiglu
 from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, moe_quant_predicate, stack_expert_weights
 from qwen2_mlx.rope import RoPE
@@ -279,10 +284,16 @@ class Attention(nn.Module):
         temperature = self.dca.temperature(max(offset + q.shape[2], prompt_length))
         inv_freq = self.rope.inv_freq
         k = dca_write_keys(k, offset, self.dca, inv_freq, temperature=temperature)
+        args = dict(q_start=offset, cfg=self.dca, inv_freq=inv_freq, scale=self.scale,
+                    q_temperature=temperature)
+        if isinstance(cache, QuantizedKVCache):
+            # Decode reads the 8/4-bit cache as stored (a kernel does on Metal).
+            kq, vq = cache.update_and_fetch_quantized(k, v)
+            return quantized_dual_chunk_attention(q, kq, vq, group_size=cache.group_size,
+                                                  bits=cache.bits, **args)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return dual_chunk_attention(q, k, v, q_start=offset, cfg=self.dca, inv_freq=inv_freq,
-                                    scale=self.scale, q_temperature=temperature)
+        return dual_chunk_attention(q, k, v, **args)
 
 
 def attention_mask(
@@ -361,6 +372,7 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        kernel_backend()  # decided once per process: a bad QWEN2_MLX_KERNELS fails here
         self.config = config
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:

@@ -140,3 +140,15 @@ def qwen2_tokenizer_dir(tmp_path_factory) -> Path:
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A 512-token byte-level BPE with Qwen2's special tokens at the last three ids."""
     return build_tiny_tokenizer_files(tmp_path_factory.mktemp("tiny_tokenizer"), TINY_VOCAB)
+
+
+@pytest.fixture
+def use_kernels():
+    """Set the process's kernel backend for one test, restored afterwards: call it with a
+    QWEN2_MLX_KERNELS value ("1": kernels on, Metal or the emulator; "0": the reference).
+    The backend is decided once per process, so setting the variable mid-run does nothing."""
+    from qwen2_mlx.metal_kernels import dispatch
+
+    previous = dispatch.kernel_backend()
+    yield dispatch.set_kernel_backend
+    dispatch.set_kernel_backend(previous)
