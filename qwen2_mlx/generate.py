@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from qwen2_mlx.cache import UNKNOWN_TOKEN, KVCache, ModelCache
+from qwen2_mlx.errors import HintedError
 from qwen2_mlx.sampling import (
     SamplingParams,
     apply_logits_processors,
@@ -19,6 +20,10 @@ from qwen2_mlx.sampling import (
 from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict]
+
+
+class ContextLengthError(HintedError):
+    """A prompt (with what the cache holds) longer than the model's context."""
 
 
 @dataclass
@@ -255,13 +260,13 @@ def stream_generate(
     cached = cache.offset if cache is not None else 0
     context = model.config.context_length
     if cached + len(ids) > context:
-        extend = ("" if model.config.long_context.mode != "standard" else
-                  " or extend the context (load(..., dca=True) or yarn_factor=4; "
-                  "the CLI's --dca or --yarn-factor 4)")
-        raise ValueError(
-            f"the prompt has {cached + len(ids)} tokens but the model's context is "
-            f"{context} tokens; shorten the prompt{extend}"
-        )
+        problem = (f"the prompt has {cached + len(ids)} tokens but the model's context is "
+                   f"{context} tokens; shorten the prompt")
+        if model.config.long_context.mode != "standard":
+            raise ContextLengthError(problem)
+        raise ContextLengthError(
+            problem, " or load the model with dca=True or yarn_factor=4 for a longer context",
+            " or extend the context with --dca or --yarn-factor 4")
     max_tokens = min(max_tokens, context - cached - len(ids))
     if max_tokens < 1:
         raise ValueError(

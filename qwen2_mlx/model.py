@@ -75,6 +75,7 @@ class ModelConfig:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}: qwen2-mlx runs "
@@ -170,6 +171,8 @@ class ModelConfig:
 
         4.x writes top-level `rope_theta`/`rope_scaling`; 5.x nests both in `rope_parameters`.
         """
+        if not isinstance(config, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
         config = dict(config)
         model_type = config.get("model_type")
         if model_type is None:
@@ -201,6 +204,48 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
         return cls(**{k: v for k, v in config.items() if k in names})
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+# What each field of ModelConfig may hold (JSON types), checked before any arithmetic so
+# that `"hidden_size": "96"` is one clear line, not a traceback from deep inside.
+_FIELD_CHECKS: dict[str, tuple[str, object]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a number", _is_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict[str, Any] | None": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "int | None": ("an integer or null", lambda v: v is None or _is_int(v)),
+    "int | list[int] | None": ("an integer, a list of integers or null",
+                               lambda v: v is None or _is_int(v) or _int_list(v)),
+    "list[str]": ("a list of strings",
+                  lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[int]": ("a list of integers", _int_list),
+}
+
+
+def _check_field_types(config: ModelConfig) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("int", "int | None") and isinstance(value, float) and value.is_integer():
+            value = int(value)  # 32768.0 written by some tools
+            setattr(config, f.name, value)
+        what, ok = _FIELD_CHECKS[f.type]
+        if not ok(value):
+            shown = "null" if value is None else repr(value)
+            raise ValueError(f"config field {f.name} must be {what}, got {shown} "
+                             f"({type(value).__name__})")
 
 
 class Attention(nn.Module):

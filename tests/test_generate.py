@@ -33,7 +33,13 @@ def test_stream_text_is_the_decoded_tokens(loaded):
     text = "".join(r.text for r in responses)
     emitted = [t for t in tokens if t not in tokenizer.eos_token_ids]
     assert text == tokenizer.decode(emitted)
-    assert responses[-1].finish_reason in ("stop", "length")
+    # Stopped by EOS exactly when the reference emits one within 24 tokens, else by length.
+    reference = greedy_reference(model, ids, 24)
+    eos_at = next((i for i, t in enumerate(reference) if t in tokenizer.eos_token_ids), None)
+    if eos_at is None:
+        assert len(tokens) == 24 and responses[-1].finish_reason == "length"
+    else:
+        assert len(tokens) == eos_at + 1 and responses[-1].finish_reason == "stop"
     assert all(r.finish_reason is None for r in responses[:-1])
     assert responses[-1].generation_tokens == len(tokens)
     assert responses[-1].prompt_tokens == len(ids)
@@ -82,13 +88,25 @@ def test_eos_stops_and_is_not_printed(loaded, monkeypatch):
 
 def test_stop_string_truncates_even_across_tokens(loaded):
     model, tokenizer = loaded
-    full = generate(model, tokenizer, "once upon", max_tokens=30)
-    assert len(full) > 8
-    stop = full[5:9]  # four characters from the middle, likely spanning tokens
+    tokens = [r.token for r in stream_generate(model, tokenizer, "once upon", max_tokens=30)]
+    pieces = [tokenizer.decode([t]) for t in tokens]
+    full = "".join(pieces)
+    assert full == generate(model, tokenizer, "once upon", max_tokens=30)
+    # A stop string made of the end of one token's text and the start of the next, so it
+    # really spans two tokens (and occurs nowhere earlier).
+    for i in range(3, len(pieces) - 1):
+        start = sum(map(len, pieces[:i + 1])) - 2
+        stop = full[start:start + 4]
+        if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2 and full.index(stop) == start:
+            break
+    else:
+        pytest.fail("no token boundary to put a stop string across")
+    assert not any(stop in piece for piece in pieces)
     out = list(stream_generate(model, tokenizer, "once upon", max_tokens=30, stop=[stop]))
     text = "".join(r.text for r in out)
-    assert text == full[: full.index(stop)]
+    assert text == full[:start]
     assert out[-1].finish_reason == "stop"
+    assert len(out) == i + 2  # it completes with token i + 1, not before
 
 
 def test_sampling_is_reproducible_with_seed(loaded):
@@ -104,9 +122,10 @@ def test_prompt_longer_than_context(checkpoint_factory):
     model, tokenizer = load(checkpoint_factory(max_position_embeddings=32))
     with pytest.raises(ValueError, match="40 tokens but the model's context is 32"):
         next(stream_generate(model, tokenizer, list(range(40))))
-    # A prompt that fits stops at the context end instead of running past it.
+    # A prompt that fits stops at the context end instead of running past it: 30 + 2 = 32.
     responses = list(stream_generate(model, tokenizer, list(range(30)), max_tokens=50))
-    assert len(responses) <= 2
+    assert len(responses) == 2 and responses[-1].finish_reason == "length"
+    assert [r.finish_reason for r in responses[:-1]] == [None]
 
 
 @pytest.mark.parametrize(

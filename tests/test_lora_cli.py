@@ -203,3 +203,26 @@ def test_qlora_that_cannot_quantize_says_so(runner, checkpoint_factory, tmp_path
     assert result.exit_code == 0, result.output
     assert result.stderr.count("stay in float") == 1
     assert "Warning: 2 of 15 quantizable layers stay in float" in result.stderr
+
+
+def test_an_adapter_for_another_base_says_it_does_not_fit(runner, checkpoint_factory, tmp_path):
+    """Trained on a 3-layer model, applied to a 2-layer one (and the other way round): one
+    line saying the adapter does not fit, naming the base it was trained on; the model that
+    load_adapter was given is left as it was."""
+    from qwen2_mlx.lora import lora_layers
+
+    two, three = checkpoint_factory(), checkpoint_factory(num_layers=3)
+    for base, other, name in ((three, two, "a3"), (two, three, "a2")):
+        adapters = tmp_path / name
+        assert runner.invoke(cli, ["lora", "-m", str(base), "--data", str(EXAMPLE / "data"),
+                                   *QUICK, "--adapter-path", str(adapters)]).exit_code == 0
+        result = runner.invoke(cli, ["generate", "-m", str(other), "--adapter-path",
+                                     str(adapters), "-p", "hi"])
+        assert result.exit_code == 1
+        assert "does not fit this model" in result.stderr
+        assert f"it was trained on {base}" in result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        model, _ = load(other)
+        with pytest.raises(ValueError, match="does not fit this model"):
+            load_adapter(model, adapters)
+        assert not lora_layers(model)

@@ -21,8 +21,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen2_mlx.errors import HintedError
 from qwen2_mlx.files import atomic_save_safetensors, atomic_write_json
-from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, LoRAAdapter, LoRAConfig, apply_lora
+from qwen2_mlx.lora.layers import (
+    ADAPTER_PARAMETERS,
+    LoRAAdapter,
+    LoRAConfig,
+    apply_lora,
+    lora_layers,
+    remove_lora,
+)
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -33,18 +41,8 @@ FORMAT_VERSION = 1
 REUSABLE_PREFIX = "reference_logps_"
 
 
-class AdapterDirectoryError(ValueError):
-    """An adapter directory a training run may not write into (in use, a file, unwritable).
-
-    `str()` words the way out for Python callers; `cli_message()` for the command line.
-    """
-
-    def __init__(self, problem: str, api_hint: str = "", cli_hint: str = "") -> None:
-        super().__init__(problem + api_hint)
-        self.problem, self.cli_hint = problem, cli_hint
-
-    def cli_message(self) -> str:
-        return self.problem + self.cli_hint
+class AdapterDirectoryError(HintedError):
+    """An adapter directory a training run may not write into (in use, a file, unwritable)."""
 
 
 def _is_adapter_output(name: str) -> bool:
@@ -249,7 +247,7 @@ def load_adapter_weights(model: nn.Module, weights_file: Path) -> int | None:
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong[:8]))
     if problems:
-        raise ValueError(f"adapter {weights_file} does not fit this model ("
+        raise ValueError(f"the adapter {weights_file} does not fit this model ("
                          + " | ".join(problems) + ")")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
@@ -265,9 +263,24 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Module
     (``0000100_adapters.safetensors``). The model is left in eval mode (no dropout).
     """
     weights_file, config_file = resolve_adapter_files(adapter_path)
-    config, _ = read_adapter_config(config_file)
-    apply_lora(model, config)
-    load_adapter_weights(model, weights_file)
+    config, data = read_adapter_config(config_file)
+    base = (data.get("qwen2_mlx") or {}).get("base_model")
+    trained_on = f"; it was trained on {base}" if base else ""
+    had_adapters = bool(lora_layers(model))
+    try:
+        try:
+            apply_lora(model, config)
+        except ValueError as e:
+            raise ValueError(f"the adapter {adapter_path} does not fit this model: "
+                             f"{e}{trained_on}") from e
+        try:
+            load_adapter_weights(model, weights_file)
+        except ValueError as e:
+            raise ValueError(f"{e}{trained_on}") from e
+    except ValueError:
+        if not had_adapters:
+            remove_lora(model)  # leave the model as it was
+        raise
     model.eval()
     return model
 
