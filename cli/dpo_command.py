@@ -11,6 +11,7 @@ from qwen2_mlx.cli.lora_command import (
     ProgressPrinter,
     _bar,
     base_metadata,
+    check_adapter_dir,
     echo_truncation_warnings,
     load_base_model,
     lora_command,
@@ -32,6 +33,7 @@ SHARED_OPTIONS = {
     "warmup_steps": {}, "grad_accumulation_steps": {}, "max_grad_norm": {},
     "grad_checkpoint": {}, "max_seq_length": {}, "steps_per_report": {}, "steps_per_eval": {},
     "val_batches": {}, "save_every": {}, "adapter_path": {}, "resume_adapter_file": {},
+    "overwrite": {},
     "dtype": {}, "q_bits": {}, "q_group_size": {}, "seed": {},
 }
 
@@ -124,6 +126,8 @@ def dpo_command(beta, loss_type, label_smoothing, precompute_ref, ref_cache_dir,
         dpo = DPOConfig(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                         precompute_ref=precompute_ref, ref_cache_dir=ref_cache_dir)
         lora, config = training_settings(o)
+        if o["iters"] > 0:
+            check_adapter_dir(o)
         model, tokenizer = load_base_model(o)
         datasets = echo_truncation_warnings(lambda: load_preference_datasets(
             o["data"], tokenizer, max_seq_length=o["max_seq_length"]))
@@ -134,7 +138,7 @@ def dpo_command(beta, loss_type, label_smoothing, precompute_ref, ref_cache_dir,
             click.echo(f"No valid.jsonl in {o['data']}: training without validation metrics.")
         train_dpo(model, tokenizer, datasets, adapter_path=o["adapter_path"],
                   lora=None if o["resume_adapter_file"] else lora, config=config, dpo=dpo,
-                  resume_adapter_file=o["resume_adapter_file"],
+                  resume_adapter_file=o["resume_adapter_file"], overwrite=o["overwrite"],
                   callback=DPOProgressPrinter(live=sys.stdout.isatty()),
                   metadata=base_metadata(o))
 

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from qwen2_mlx.cli.errors import click_error
+
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 
 
@@ -78,15 +80,14 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = _prompt_text(prompt)
     tools = read_tools(tools_file) if tools_file else None
     try:
         mlx_model, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
                                     chunk_size=chunk_size, local_size=local_size,
                                     yarn_factor=yarn_factor)
     except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
 
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -108,7 +109,7 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
         ):
             click.echo(show(last.reasoning, last.text), nl=False)
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
     click.echo(show.close())
     if last is not None:
         for call in last.tool_calls:
@@ -118,6 +119,31 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
                        "as text", err=True)
     if verbose and last is not None:
         click.echo(format_stats(last), err=True)
+        if last.finish_reason == "length" and last.generation_tokens < max_tokens:
+            click.echo(f"Generation stopped at the end of the model's context "
+                       f"({mlx_model.config.context_length} tokens), before --max-tokens "
+                       f"{max_tokens}", err=True)
+
+
+def _prompt_text(prompt: str) -> str:
+    """The prompt as valid text: stdin for "-"; bytes that are not UTF-8 (stdin, or argv,
+    where Python keeps them as lone surrogates) become U+FFFD, with a warning."""
+    if prompt == "-":
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else (
+            sys.stdin.read().encode("utf-8", "surrogateescape"))
+        where = "stdin"
+    else:
+        try:
+            raw = prompt.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that no byte stands for
+            raw = prompt.encode("utf-8", "replace")
+        where = "--prompt"
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        click.echo(f"Warning: the prompt from {where} is not valid UTF-8 (byte {e.start}); "
+                   "invalid bytes were replaced with U+FFFD", err=True)
+        return raw.decode("utf-8", errors="replace")
 
 
 def stdout_is_terminal() -> bool:

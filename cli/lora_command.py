@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import click
 
+from qwen2_mlx.cli.errors import click_error
+
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 T = TypeVar("T")
 
@@ -86,7 +88,11 @@ def load_base_model(o: dict):
 
     model, tokenizer = load(o["model"], dtype=o["dtype"])
     if o["q_bits"] is not None:
-        quantize_base(model, bits=int(o["q_bits"]), group_size=int(o["q_group_size"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantize_base(model, bits=int(o["q_bits"]), group_size=int(o["q_group_size"]))
+        for warning in caught:
+            click.echo(f"Warning: {warning.message}", err=True)
     return model, tokenizer
 
 
@@ -118,7 +124,17 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except (TrainingDivergedError, OSError, ValueError, NotImplementedError) as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
+
+
+def check_adapter_dir(o: dict) -> None:
+    """Check --adapter-path before the model and data load: a bad path, or a directory
+    holding an earlier run (without --resume-adapter-file or --overwrite), fails now (the
+    trainer creates it, and clears it with --overwrite, once the data is read)."""
+    from qwen2_mlx.lora.adapters import prepare_adapter_dir
+
+    prepare_adapter_dir(o["adapter_path"], resuming=o["resume_adapter_file"] is not None,
+                        overwrite=o["overwrite"], create=False)
 
 
 @click.command("lora")
@@ -170,6 +186,9 @@ def one_line_errors() -> Iterator[None]:
               help="Directory for adapters.safetensors, adapter_config.json and checkpoints.")
 @click.option("--resume-adapter-file", default=None,
               help="Continue from this adapters file (with its optimizer state and step).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the adapters of an earlier run in --adapter-path (without it, an "
+                   "--adapter-path that already holds files is refused).")
 @click.option("--test", "run_test", is_flag=True,
               help="Report loss and perplexity on test.jsonl after training.")
 @click.option("--test-batches", default=-1, show_default=True, type=int,
@@ -203,6 +222,12 @@ def lora_command(**options) -> None:
     o = options
     with one_line_errors():
         lora, config = training_settings(o)
+        if o["iters"] == 0 and not o["run_test"]:
+            click.echo("Nothing to do: --iters 0 trains nothing; add --test to evaluate the "
+                       f"adapters in {o['adapter_path']} (or the base model) on test.jsonl.")
+            return
+        if o["iters"] > 0:
+            check_adapter_dir(o)
         model, tokenizer = load_base_model(o)
         splits = ("train", "valid", "test") if o["run_test"] else ("train", "valid")
         datasets = echo_truncation_warnings(lambda: load_datasets(
@@ -213,7 +238,7 @@ def lora_command(**options) -> None:
                 click.echo(f"No valid.jsonl in {o['data']}: training without validation loss.")
             train(model, tokenizer, datasets, adapter_path=o["adapter_path"],
                   lora=None if o["resume_adapter_file"] else lora, config=config,
-                  resume_adapter_file=o["resume_adapter_file"],
+                  resume_adapter_file=o["resume_adapter_file"], overwrite=o["overwrite"],
                   callback=ProgressPrinter(live=sys.stdout.isatty()), metadata=base_metadata(o))
         elif o["run_test"]:
             try:

@@ -12,4 +12,21 @@ calls; the reference runs wherever Metal does not (Linux, CI). Nothing here impo
 * dispatch.py: which backend runs (Metal, the CPU emulator, or the reference;
   `QWEN2_MLX_KERNELS=0/1`) and the per-kernel self-check;
 * emulator/: the CPU emulator of `mx.fast.metal_kernel` that tests the kernels on Linux.
+
+`kernel_status()` reports the backend and every kernel variant used so far (shape, G, whether
+its self-check ran and passed, whether it is on), for a Mac user or a bug report:
+
+    >>> from qwen2_mlx.metal_kernels import kernel_status
+    >>> print(kernel_status())
 """
+
+from qwen2_mlx.metal_kernels.dispatch import (
+    KernelStatus,
+    VariantStatus,
+    kernel_backend,
+    kernel_status,
+    set_kernel_backend,
+)
+
+__all__ = ["KernelStatus", "VariantStatus", "kernel_backend", "kernel_status",
+           "set_kernel_backend"]

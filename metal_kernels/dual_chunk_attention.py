@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import mlx.core as mx
 
+from qwen2_mlx.metal_kernels.attention import QuantizedTensor, dequantize_kv
 from qwen2_mlx.metal_kernels.dca_prefill import dca_prefill
 from qwen2_mlx.metal_kernels.dispatch import (
     Backend,
@@ -55,6 +56,7 @@ __all__ = [
     "dual_chunk_attention_kernel",
     "dual_chunk_attention_reference",
     "key_positions",
+    "quantized_dual_chunk_attention",
     "length_temperature",
     "merge_attention_partials",
     "query_positions",
@@ -319,35 +321,40 @@ def _check_attention_inputs(
     query_tile: int,
     key_block: int,
 ) -> None:
-    for name, arr in (("queries", queries), ("keys", keys), ("values", values)):
-        if arr.ndim != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {tuple(arr.shape)}")
+    _check_shapes(queries, tuple(keys.shape), tuple(values.shape), q_start, inv_freq)
+    if not _is_int(query_tile) or query_tile < 1:
+        raise ValueError(f"query_tile must be a positive int, got {query_tile!r}")
+    if not _is_int(key_block) or key_block < 1:
+        raise ValueError(f"key_block must be a positive int, got {key_block!r}")
+
+
+def _check_shapes(queries: mx.array, k_shape: tuple, v_shape: tuple, q_start: int,
+                  inv_freq: mx.array) -> None:
+    for name, shape in (("queries", tuple(queries.shape)), ("keys", k_shape),
+                        ("values", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {shape}")
     batch, q_heads, q_len, head_dim = queries.shape
-    if keys.shape[3] != head_dim or keys.shape[:3] != values.shape[:3]:
+    if k_shape[3] != head_dim or k_shape[:3] != v_shape[:3]:
         raise ValueError(
-            f"keys {tuple(keys.shape)} and values {tuple(values.shape)} do not match "
-            f"queries {tuple(queries.shape)}"
+            f"keys {k_shape} and values {v_shape} do not match queries {tuple(queries.shape)}"
         )
-    if keys.shape[0] != batch:
-        raise ValueError(f"batch of keys ({keys.shape[0]}) differs from queries ({batch})")
-    kv_heads = keys.shape[1]
+    if k_shape[0] != batch:
+        raise ValueError(f"batch of keys ({k_shape[0]}) differs from queries ({batch})")
+    kv_heads = k_shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) are not a multiple of kv heads ({kv_heads})")
     if q_len < 1:
         raise ValueError("queries must hold at least one token")
-    if not _is_int(q_start) or q_start != keys.shape[2] - q_len:
+    if not _is_int(q_start) or q_start != k_shape[2] - q_len:
         raise ValueError(
-            f"q_start={q_start!r} but queries must be the last {q_len} of {keys.shape[2]} "
-            f"cached tokens, i.e. q_start={keys.shape[2] - q_len}"
+            f"q_start={q_start!r} but queries must be the last {q_len} of {k_shape[2]} "
+            f"cached tokens, i.e. q_start={k_shape[2] - q_len}"
         )
     if inv_freq.ndim != 1 or inv_freq.shape[0] * 2 != head_dim:
         raise ValueError(
             f"inv_freq of shape {tuple(inv_freq.shape)} does not match head dim {head_dim}"
         )
-    if not _is_int(query_tile) or query_tile < 1:
-        raise ValueError(f"query_tile must be a positive int, got {query_tile!r}")
-    if not _is_int(key_block) or key_block < 1:
-        raise ValueError(f"key_block must be a positive int, got {key_block!r}")
 
 
 def dual_chunk_attention_reference(
@@ -455,8 +462,22 @@ def dual_chunk_attention_reference(
 # ---------------------------------------------------------------------------------------------
 
 DECODE_KERNEL = "dca_decode"
+QUANTIZED_DECODE_KERNEL = "dca_decode_quantized"
 PREFILL_KERNEL = "dca_prefill"
 PREFILL_ROWS_PER_LAUNCH = 2048
+
+
+class DcaVariant(NamedTuple):
+    """A DCA kernel variant: dtypes, head_dim, the head geometry (G = q_heads / kv_heads is
+    compiled in) and, for a quantized cache, its bits and group size."""
+
+    dtype: mx.Dtype
+    kv_dtype: mx.Dtype
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    bits: int = 0
+    group_size: int = 0
 
 
 def dual_chunk_attention(
@@ -481,7 +502,8 @@ def dual_chunk_attention(
     _check_attention_inputs(queries, keys, values, q_start, inv_freq, query_tile, key_block)
     if _kernel_fits(queries, keys, values):
         name = DECODE_KERNEL if queries.shape[2] == 1 else PREFILL_KERNEL
-        variant = (queries.dtype, keys.dtype, queries.shape[3], queries.shape[1] // keys.shape[1])
+        variant = DcaVariant(queries.dtype, keys.dtype, queries.shape[3], queries.shape[1],
+                             keys.shape[1])
         backend = select_backend(name, variant, lambda b: _self_check(b, name, variant))
         if backend is not None:
             return dual_chunk_attention_kernel(
@@ -494,10 +516,54 @@ def dual_chunk_attention(
     )
 
 
-def _kernel_fits(queries: mx.array, keys: mx.array, values: mx.array) -> bool:
+def quantized_dual_chunk_attention(
+    queries: mx.array,
+    keys: QuantizedTensor,
+    values: QuantizedTensor,
+    *,
+    group_size: int,
+    bits: int,
+    q_start: int,
+    cfg: DualChunkConfig,
+    inv_freq: mx.array,
+    scale: float,
+    q_temperature: float = 1.0,
+) -> mx.array:
+    """Dual Chunk Attention against an affine-quantized DCA cache ((packed, scales, biases)
+    triples, as `quantized_scaled_dot_product_attention` takes them).
+
+    Decode runs the DCA decode kernel on the cache as stored (rows dequantized in registers,
+    no dequantized copy of the cache) where kernels are on and the shapes fit; otherwise,
+    and for prefill, the cache is dequantized to the queries' dtype for `dual_chunk_attention`.
+    """
+    head_dim = keys[0].shape[-1] * 32 // bits
+    scales_shape = tuple(keys[1].shape)
+    k_shape = (*scales_shape[:3], head_dim)
+    _check_shapes(queries, k_shape, (*tuple(values[1].shape)[:3], head_dim), q_start, inv_freq)
+    if (queries.shape[2] == 1 and bits in (4, 8) and group_size in (32, 64, 128)
+            and _kernel_fits(queries, keys[1], values[1], head_dim=head_dim)):
+        variant = DcaVariant(queries.dtype, keys[1].dtype, head_dim, queries.shape[1],
+                             k_shape[1], bits, group_size)
+        backend = select_backend(QUANTIZED_DECODE_KERNEL, variant,
+                                 lambda b: _self_check(b, QUANTIZED_DECODE_KERNEL, variant))
+        if backend is not None:
+            return dual_chunk_attention_kernel(
+                backend, queries, keys, values, q_start=q_start, cfg=cfg, inv_freq=inv_freq,
+                scale=scale, q_temperature=q_temperature, bits=bits, group_size=group_size,
+            )
+    k = dequantize_kv(keys, group_size=group_size, bits=bits, dtype=queries.dtype)
+    v = dequantize_kv(values, group_size=group_size, bits=bits, dtype=queries.dtype)
+    return dual_chunk_attention(queries, k, v, q_start=q_start, cfg=cfg, inv_freq=inv_freq,
+                                scale=scale, q_temperature=q_temperature)
+
+
+def _kernel_fits(queries: mx.array, keys: mx.array, values: mx.array,
+                 head_dim: int | None = None) -> bool:
     if any(a.dtype not in SUPPORTED_DTYPES for a in (queries, keys, values)):
         return False
-    if values.shape[3] != queries.shape[3]:
+    if head_dim is None and values.shape[3] != queries.shape[3]:
+        return False
+    if head_dim is not None and head_dim != queries.shape[3]:
         return False
     return decode_shape_supported(queries.shape[3], queries.shape[1] // keys.shape[1])
 
@@ -514,11 +580,14 @@ def dual_chunk_attention_kernel(
     scale: float,
     q_temperature: float = 1.0,
     block_keys: int | None = None,
+    bits: int = 0,
+    group_size: int = 64,
 ) -> mx.array:
     """The kernel path of ``dual_chunk_attention`` on `backend` (no dispatch, no checks).
 
     The three rotated query copies are made here in float32, as the reference makes them;
-    ``block_keys`` sets the decode kernel's keys per simdgroup (None: its default).
+    ``block_keys`` sets the decode kernel's keys per simdgroup (None: its default). With
+    `bits`, keys/values are a quantized cache's triples (decode only).
     """
     batch, q_heads, q_len, head_dim = queries.shape
     chunk_len = cfg.chunk_len
@@ -531,7 +600,7 @@ def dual_chunk_attention_kernel(
         out = gqa_decode(
             backend, q_parts, keys, values, scale=softmax_scale, out_dtype=queries.dtype,
             intra_lo=chunk * chunk_len, succ_lo=max(chunk - 1, 0) * chunk_len,
-            block_keys=block_keys,
+            block_keys=block_keys, bits=bits, group_size=group_size,
         )
         return out.reshape(batch, q_heads, 1, head_dim)
     # Prefill in launches of at most PREFILL_ROWS_PER_LAUNCH query rows: the float32 query
@@ -563,17 +632,24 @@ def _rotated_copies(
     return [apply_rotary(q32, p, inv_freq) for p in (intra, succ, inter)]
 
 
-def _self_check(backend: Backend, name: str, variant: tuple) -> None:
-    """A 40-token cache over four chunks (C=16, W=4): decode at the last position, or a
-    13-row prefill crossing a chunk boundary, against the reference in float32."""
-    q_dtype, kv_dtype, head_dim, group = variant
+def _self_check(backend: Backend, name: str, variant: DcaVariant) -> None:
+    """A 40-token cache over four chunks (C=16, W=4) in the variant's head geometry: decode
+    at the last position, or a 13-row prefill crossing a chunk boundary, against the
+    reference in float32 (on the dequantized cache for a quantized variant)."""
+    q_dtype, kv_dtype, head_dim, q_heads, kv_heads, bits, group_size = variant
     cfg = DualChunkConfig(16, 4, 8)
     n_keys = 40
-    q_len = 1 if name == DECODE_KERNEL else 13
+    q_len = 13 if name == PREFILL_KERNEL else 1
     kq, kk, kv = mx.random.split(mx.random.key(4321), 3)
-    queries = mx.random.normal((1, group, q_len, head_dim), key=kq).astype(q_dtype)
-    keys = mx.random.normal((1, 1, n_keys, head_dim), key=kk).astype(kv_dtype)
-    values = mx.random.normal((1, 1, n_keys, head_dim), key=kv).astype(kv_dtype)
+    queries = mx.random.normal((1, q_heads, q_len, head_dim), key=kq).astype(q_dtype)
+    keys = mx.random.normal((1, kv_heads, n_keys, head_dim), key=kk).astype(kv_dtype)
+    values = mx.random.normal((1, kv_heads, n_keys, head_dim), key=kv).astype(kv_dtype)
+    keys_in, values_in = keys, values
+    if bits:
+        keys_in = mx.quantize(keys, group_size=group_size, bits=bits)
+        values_in = mx.quantize(values, group_size=group_size, bits=bits)
+        keys = dequantize_kv(keys_in, group_size=group_size, bits=bits, dtype=kv_dtype)
+        values = dequantize_kv(values_in, group_size=group_size, bits=bits, dtype=kv_dtype)
     inv_freq = 1.0 / (10000.0 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
     args = dict(q_start=n_keys - q_len, cfg=cfg, inv_freq=inv_freq, scale=head_dim**-0.5,
                 q_temperature=1.1)
@@ -583,7 +659,8 @@ def _self_check(backend: Backend, name: str, variant: tuple) -> None:
     )
     tolerance = max(dtype_tolerance(q_dtype), dtype_tolerance(kv_dtype))
     for block_keys in ((None, 16) if q_len == 1 else (None,)):
-        got = dual_chunk_attention_kernel(backend, queries, keys, values, block_keys=block_keys,
-                                          **args)
+        got = dual_chunk_attention_kernel(backend, queries, keys_in, values_in,
+                                          block_keys=block_keys, bits=bits,
+                                          group_size=group_size or 64, **args)
         mx.eval(got)
         check_close(f"{name} {variant}", got, expected, tolerance)

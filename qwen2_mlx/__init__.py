@@ -5,21 +5,25 @@
     >>> generate(model, tokenizer, [{"role": "user", "content": "Hi"}], max_tokens=32)
 """
 
-from qwen2_mlx.cache import KVCache, load_cache, save_cache
+from qwen2_mlx.cache import KVCache, ModelCache, load_cache, save_cache
 from qwen2_mlx.generate import GenerationResponse, GenerationResult, generate, stream_generate
 from qwen2_mlx.loader import load
 from qwen2_mlx.model import Model, ModelConfig
 from qwen2_mlx.sampling import SamplingParams
 from qwen2_mlx.tools import ToolCall, parse_tool_calls
+from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 __all__ = [
     "GenerationResponse",
     "GenerationResult",
     "KVCache",
     "Model",
+    "ModelCache",
     "ModelConfig",
     "SamplingParams",
+    "TokenIdError",
     "ToolCall",
+    "check_token_ids",
     "generate",
     "load",
     "load_cache",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from qwen2_mlx.cache import KVCache
+from qwen2_mlx.cache import UNKNOWN_TOKEN, KVCache, ModelCache
+from qwen2_mlx.errors import HintedError
 from qwen2_mlx.output_parser import OutputParser
 from qwen2_mlx.sampling import (
     SamplingParams,
@@ -17,8 +19,13 @@ from qwen2_mlx.sampling import (
     make_sampler,
 )
 from qwen2_mlx.tools import ToolCall
+from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict]
+
+
+class ContextLengthError(HintedError):
+    """A prompt (with what the cache holds) longer than the model's context."""
 
 
 @dataclass
@@ -51,7 +58,7 @@ class GenerationResponse:
 
 
 def generate_step(
-    prompt: mx.array,
+    prompt: mx.array | Sequence[int],
     model,
     *,
     sampling: SamplingParams,
@@ -64,12 +71,26 @@ def generate_step(
     The prompt is prefilled in steps of `prefill_step_size` tokens so no step builds an
     attention matrix larger than step x length. Decoding queues step t+1 with
     `mx.async_eval` before it hands out token t, so graph building overlaps compute.
+
+    `cache` (a `ModelCache` from `model.make_cache()`, or a plain list of layer caches) is
+    continued; the repetition penalty sees the ids it already holds (`cache.tokens`) before
+    the prompt. The prompt ids are checked (TokenIdError) before anything is written.
+
+    Cache invariant: whenever this generator is suspended at a yield, and once it has
+    finished or been closed (whatever the reason: `max_tokens`, the consumer stopping at
+    EOS or a stop string, `close()` after any number of tokens, an exception), every layer
+    of the cache holds exactly the positions it held before, plus the prompt, plus every
+    token yielded so far, and `cache.tokens` lists those ids. (An exception before the first
+    token leaves the cache as it was.)
     """
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-    if prompt.size == 0:
+    prompt_ids = check_token_ids(prompt, model.config.vocab_size)
+    if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
-    cache = cache if cache is not None else model.make_cache()
+    prompt = mx.array(prompt_ids, dtype=mx.uint32)
+    cache = ModelCache.wrap(cache) if cache is not None else model.make_cache()
+    start = cache.offset
     for layer_cache in cache:
         # DCA takes its length temperature from the whole prompt, even when prefilled in
         # steps; and one allocation for prompt + (most of the) output suffices.
@@ -78,11 +99,22 @@ def generate_step(
         layer_cache.reserve(total + min(max_tokens, 1024))
     sampler = make_sampler(sampling)
     processors = make_logits_processors(sampling)
-    history = prompt.astype(mx.int32)
+    history = None
+    if processors:
+        earlier = cache.tokens
+        window = earlier[len(earlier) - sampling.repetition_context_size:]
+        if UNKNOWN_TOKEN in window:
+            warnings.warn(
+                "the cache's token ids are unknown (a plain list of layer caches, or a cache "
+                "file without them): the repetition penalty sees only the tokens of this "
+                "call. Use model.make_cache() (a ModelCache) to carry them.",
+                RuntimeWarning, stacklevel=2)
+        history = mx.array(earlier + prompt_ids, dtype=mx.int32)
+    forward = getattr(model, "forward", model)  # ids were checked above
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
-        logits = model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
+        logits = forward(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
         if processors:
             logits = apply_logits_processors(processors, history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -91,41 +123,79 @@ def generate_step(
             history = mx.concatenate([history, token.astype(mx.int32)])
         return token, logprobs[0]
 
-    # Prefill all but the last prompt token; that one produces the first logits.
-    while prompt.size > 1:
-        n = min(prefill_step_size, prompt.size - 1)
-        model(prompt[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
-        mx.clear_cache()
-
-    token, logprobs = step(prompt)
-    mx.async_eval(token, logprobs)
-    n = 0
-    while n < max_tokens:
-        if n + 1 < max_tokens:
-            next_token, next_logprobs = step(token)
-            mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs
-        n += 1
-        if n % 256 == 0:
+    yielded = 0
+    try:
+        # Prefill all but the last prompt token; that one produces the first logits.
+        while prompt.size > 1:
+            n = min(prefill_step_size, prompt.size - 1)
+            forward(prompt[:n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[n:]
             mx.clear_cache()
-        if n < max_tokens:
-            token, logprobs = next_token, next_logprobs
+
+        token, logprobs = step(prompt)
+        mx.async_eval(token, logprobs)
+        while yielded < max_tokens:
+            if yielded + 1 < max_tokens:
+                # Writes `token`'s keys and values and samples the next one.
+                next_token, next_logprobs = step(token)
+                mx.async_eval(next_token, next_logprobs)
+            else:
+                # The last token: only its keys and values (the invariant), no logits.
+                _write_tokens(model, cache, token)
+            yielded += 1
+            yield token.item(), logprobs
+            if yielded % 256 == 0:
+                mx.clear_cache()
+            if yielded < max_tokens:
+                token, logprobs = next_token, next_logprobs
+    finally:
+        # Normally a no-op; after an exception mid-step, undo that step's partial writes.
+        _settle(cache, start + len(prompt_ids) + yielded if yielded else start)
 
 
-def encode_prompt(tokenizer, prompt: Prompt, tools: Sequence[dict] | None = None) -> list[int]:
+def _write_tokens(model, cache: ModelCache, tokens: mx.array) -> None:
+    """Append `tokens`' keys and values to `cache` without computing logits (queued)."""
+    inner = getattr(model, "model", None)
+    if inner is None:
+        model.forward(tokens[None], cache=cache)
+    else:
+        inner(tokens[None], cache)
+        cache.add_tokens(tokens)
+    mx.async_eval([c.state for c in cache])
+
+
+def _settle(cache: ModelCache, offset: int) -> None:
+    """Trim every layer of `cache` back to `offset` positions (ids follow)."""
+    for layer_cache in cache:
+        if layer_cache.offset > offset:
+            layer_cache.trim(layer_cache.offset - offset)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, vocab_size: int | None = None,
+                  tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of a prompt given as text, ids or chat messages (templated for generation,
-    with `tools` shown to the model)."""
+    with `tools` shown to the model).
+
+    A string is encoded as it is (no chat template); chat messages get the template with the
+    generation prompt. Given ids are checked against `vocab_size` (when given): a
+    TokenIdError (a ValueError) names the first bad one.
+    """
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    items = list(prompt)
-    if items and all(isinstance(m, dict) for m in items):
-        return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True,
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TokenIdError(f"the prompt is {type(prompt).__name__}, not text or token ids: "
+                           "decode it to str first (e.g. prompt.decode('utf-8'))")
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        return tokenizer.apply_chat_template(list(prompt), tools=tools, add_generation_prompt=True,
                                              tokenize=True)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-        return items
-    raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
+    try:
+        return check_token_ids(prompt, vocab_size if vocab_size is not None else 2**63)
+    except TokenIdError as e:
+        if e.out_of_range:
+            raise
+        raise TokenIdError("prompt must be a string, a list of token ids or a list of chat "
+                           f"messages: {e}") from None
 
 
 def _stop_hold_back(text: str, stops: Sequence[str]) -> int:
@@ -168,15 +238,28 @@ def stream_generate(
             sampling controls, see `qwen2_mlx.sampling.SamplingParams` (temperature 0 is greedy).
         stop: strings that end generation; the stop string itself is not returned.
         prefill_step_size: prompt tokens processed per forward pass.
-        cache: per-layer caches to continue from (e.g. a saved prompt cache).
+        cache: a `ModelCache` to continue from (`model.make_cache()`, a saved prompt cache
+            from `load_cache`); a plain list of layer caches also works, but the repetition
+            penalty then sees only this call's tokens.
         kv_bits: store a new KV cache quantized to this many bits (8 halves its memory).
         tools: OpenAI function schemas. A chat prompt shows them to the model (through its
             template); with any prompt, the tool calls the model writes are parsed out of
             `text` into the last response's `tool_calls` (finish_reason "tool_calls").
 
+    A string prompt is used as it is: no chat template is applied (the CLI's `--chat`, its
+    default, templates the prompt; pass chat messages here for the same):
+
+        stream_generate(model, tok, "Once upon a time")                    # raw text
+        stream_generate(model, tok, [{"role": "user", "content": "Hi"}])   # chat template
+
     Reasoning (``<think>...</think>``, also when the prompt opened the ``<think>``) streams in
     `reasoning`, apart from `text`. Generation stops at any of `tokenizer.eos_token_ids` (not
     printed), a stop string, `max_tokens`, or the model's context length.
+
+    Cache invariant (as `generate_step`): when this generator finishes or is closed, for any
+    reason (a stop, `max_tokens`, the consumer breaking out of its loop or calling `close()`,
+    an exception), every layer of `cache` holds exactly what it held before, plus the prompt,
+    plus every token yielded (the EOS token included), and `cache.tokens` lists those ids.
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
@@ -189,14 +272,19 @@ def stream_generate(
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError("stop strings must be non-empty strings")
 
-    ids = encode_prompt(tokenizer, prompt, tools)
-    cached = cache[0].offset if cache else 0
+    ids = encode_prompt(tokenizer, prompt, model.config.vocab_size, tools)
+    if cache is not None:
+        cache = ModelCache.wrap(cache)
+    cached = cache.offset if cache is not None else 0
     context = model.config.context_length
     if cached + len(ids) > context:
-        raise ValueError(
-            f"the prompt has {cached + len(ids)} tokens but the model's context is "
-            f"{context} tokens; shorten the prompt"
-        )
+        problem = (f"the prompt has {cached + len(ids)} tokens but the model's context is "
+                   f"{context} tokens; shorten the prompt")
+        if model.config.long_context.mode != "standard":
+            raise ContextLengthError(problem)
+        raise ContextLengthError(
+            problem, " or load the model with dca=True or yarn_factor=4 for a longer context",
+            " or extend the context with --dca or --yarn-factor 4")
     max_tokens = min(max_tokens, context - cached - len(ids))
     if max_tokens < 1:
         raise ValueError(
@@ -206,6 +294,17 @@ def stream_generate(
         cache = model.make_cache(kv_bits=kv_bits)
     elif kv_bits is not None:
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
+    steps = generate_step(ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
+                          prefill_step_size=prefill_step_size)
+    try:
+        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools)
+    finally:
+        steps.close()  # settles the cache now, not whenever the generator is collected
+
+
+def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: int,
+               tools: Sequence[dict] | None) -> Iterator[GenerationResponse]:
+    """The GenerationResponses of `steps` (generate_step's tokens): text, stops, speeds."""
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
     parser = OutputParser.for_prompt(tokenizer, ids, tools)
@@ -213,12 +312,7 @@ def stream_generate(
     tic = time.perf_counter()
     prompt_tps = 0.0
     pending = ""  # decoded text not yet handed out (may begin a stop string)
-    n = 0
-    for n, (token, logprobs) in enumerate(
-        generate_step(mx.array(ids, dtype=mx.uint32), model, sampling=sampling, cache=cache,
-                      max_tokens=max_tokens, prefill_step_size=prefill_step_size),
-        start=1,
-    ):
+    for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
             prompt_tps = len(ids) / prompt_time

@@ -43,6 +43,10 @@ def resolve_model_path(
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{path} is a file, not a model: give the directory that holds config.json, "
+            "*.safetensors and tokenizer.json (or a Hugging Face repo id)")
     name = str(path_or_repo)
     looks_like_repo = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_repo:
@@ -90,13 +94,18 @@ def load_config(model_path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model directory needs config.json")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a JSON {type(config).__name__}")
+    return config
 
 
 def weight_files(model_path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, from its index when it is sharded."""
+    """The safetensors files of a checkpoint: those its index lists when it has one, else
+    every *.safetensors file in the directory. The one rule the loader and the converter
+    share."""
     index = model_path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -111,9 +120,14 @@ def weight_files(model_path: Path) -> list[Path]:
                 + ", ".join(missing)
             )
         return files
-    files = sorted(model_path.glob("model*.safetensors"))
+    files = sorted(p for p in model_path.glob("*.safetensors") if not p.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
+        other = sorted(p.name for p in model_path.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
+        hint = (
+            f" (it has PyTorch weights {', '.join(other)}: save them as safetensors first, "
+            "e.g. with transformers' save_pretrained(safe_serialization=True))"
+            if other else "")
+        raise FileNotFoundError(f"no *.safetensors weights in {model_path}{hint}")
     return files
 
 

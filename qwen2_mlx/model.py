@@ -14,16 +14,22 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen2_mlx.cache import KVCache, QuantizedKVCache
+from qwen2_mlx.cache import KVCache, ModelCache, QuantizedKVCache
 from qwen2_mlx.long_context import LongContext, resolve_long_context, with_long_context
 from qwen2_mlx.metal_kernels.attention import (
     quantized_scaled_dot_product_attention,
     scaled_dot_product_attention,
 )
-from qwen2_mlx.metal_kernels.dual_chunk_attention import dca_write_keys, dual_chunk_attention
+from qwen2_mlx.metal_kernels.dispatch import kernel_backend
+from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+    dca_write_keys,
+    dual_chunk_attention,
+    quantized_dual_chunk_attention,
+)
 from qwen2_mlx.metal_kernels.quantized import swiglu
 from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, moe_quant_predicate, stack_expert_weights
 from qwen2_mlx.rope import RoPE
+from qwen2_mlx.validation import TokenIdError, check_token_array
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
 
@@ -69,6 +75,7 @@ class ModelConfig:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}: qwen2-mlx runs "
@@ -164,6 +171,8 @@ class ModelConfig:
 
         4.x writes top-level `rope_theta`/`rope_scaling`; 5.x nests both in `rope_parameters`.
         """
+        if not isinstance(config, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(config).__name__}")
         config = dict(config)
         model_type = config.get("model_type")
         if model_type is None:
@@ -195,6 +204,48 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
         return cls(**{k: v for k, v in config.items() if k in names})
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+# What each field of ModelConfig may hold (JSON types), checked before any arithmetic so
+# that `"hidden_size": "96"` is one clear line, not a traceback from deep inside.
+_FIELD_CHECKS: dict[str, tuple[str, object]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a number", _is_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict[str, Any] | None": ("an object or null", lambda v: v is None or isinstance(v, dict)),
+    "int | None": ("an integer or null", lambda v: v is None or _is_int(v)),
+    "int | list[int] | None": ("an integer, a list of integers or null",
+                               lambda v: v is None or _is_int(v) or _int_list(v)),
+    "list[str]": ("a list of strings",
+                  lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[int]": ("a list of integers", _int_list),
+}
+
+
+def _check_field_types(config: ModelConfig) -> None:
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("int", "int | None") and isinstance(value, float) and value.is_integer():
+            value = int(value)  # 32768.0 written by some tools
+            setattr(config, f.name, value)
+        what, ok = _FIELD_CHECKS[f.type]
+        if not ok(value):
+            shown = "null" if value is None else repr(value)
+            raise ValueError(f"config field {f.name} must be {what}, got {shown} "
+                             f"({type(value).__name__})")
 
 
 class Attention(nn.Module):
@@ -278,10 +329,16 @@ class Attention(nn.Module):
         temperature = self.dca.temperature(max(offset + q.shape[2], prompt_length))
         inv_freq = self.rope.inv_freq
         k = dca_write_keys(k, offset, self.dca, inv_freq, temperature=temperature)
+        args = dict(q_start=offset, cfg=self.dca, inv_freq=inv_freq, scale=self.scale,
+                    q_temperature=temperature)
+        if isinstance(cache, QuantizedKVCache):
+            # Decode reads the 8/4-bit cache as stored (a kernel does on Metal).
+            kq, vq = cache.update_and_fetch_quantized(k, v)
+            return quantized_dual_chunk_attention(q, kq, vq, group_size=cache.group_size,
+                                                  bits=cache.bits, **args)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return dual_chunk_attention(q, k, v, q_start=offset, cfg=self.dca, inv_freq=inv_freq,
-                                    scale=self.scale, q_temperature=temperature)
+        return dual_chunk_attention(q, k, v, **args)
 
 
 def attention_mask(
@@ -360,15 +417,33 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        kernel_backend()  # decided once per process: a bad QWEN2_MLX_KERNELS fails here
         self.config = config
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """Logits (B, L, vocab) of `input_ids` (B, L), appended to `cache` when given.
+
+        The ids are checked first (integers in [0, vocab_size); a TokenIdError names the
+        first bad one): one min/max reduction and a sync on the input. A decode loop that
+        feeds back its own sampled tokens calls `forward`, which skips the check.
+        """
+        if not isinstance(input_ids, mx.array):
+            raise TokenIdError(
+                f"input_ids must be an mx.array of shape (batch, length), got "
+                f"{type(input_ids).__name__}")
+        check_token_array(input_ids, self.config.vocab_size)
+        return self.forward(input_ids, cache)
+
+    def forward(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """`__call__` without the id check, for ids known to be in range (sampled ones)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}")
         h = self.model(input_ids, cache)
+        if isinstance(cache, ModelCache):
+            cache.add_tokens(input_ids)
         if self.config.tie_word_embeddings:
             # as_linear also works for a quantized embedding.
             return self.model.embed_tokens.as_linear(h)
@@ -380,17 +455,18 @@ class Model(nn.Module):
 
     def make_cache(
         self, kv_bits: int | None = None, kv_group_size: int | None = None
-    ) -> list[KVCache]:
-        """One growing KV cache per layer; `kv_bits=8` stores it 8-bit quantized.
+    ) -> ModelCache:
+        """One growing KV cache per layer, as a `ModelCache` (a list of them that also records
+        the token ids they hold); `kv_bits=8` stores it 8-bit quantized.
 
         The quantization group runs along head_dim: 64 when it divides head_dim (Qwen2's
         64 and 128), else 32.
         """
         mode = self.layers[0].self_attn.mode
         if kv_bits is None:
-            return [KVCache(mode=mode) for _ in self.layers]
+            return ModelCache(KVCache(mode=mode) for _ in self.layers)
         group = kv_group_size or (64 if self.config.head_dim % 64 == 0 else 32)
-        return [QuantizedKVCache(kv_bits, group, mode=mode) for _ in self.layers]
+        return ModelCache(QuantizedKVCache(kv_bits, group, mode=mode) for _ in self.layers)
 
     def set_long_context(
         self,

@@ -37,6 +37,7 @@ from qwen2_mlx.dpo.loss import (
     metrics_dict,
 )
 from qwen2_mlx.dpo.reference import precompute_reference_logps
+from qwen2_mlx.lora.adapters import prepare_adapter_dir
 from qwen2_mlx.lora.data import BatchSchedule
 from qwen2_mlx.lora.layers import LoRAConfig
 from qwen2_mlx.lora.trainer import (
@@ -206,6 +207,7 @@ def train_dpo(
     resume_adapter_file: str | os.PathLike | None = None,
     callback: Callback | None = None,
     metadata: dict | None = None,
+    overwrite: bool = False,
 ) -> DPOResult:
     """Train LoRA adapters on `model` with DPO and save them under `adapter_path`.
 
@@ -228,13 +230,17 @@ def train_dpo(
         callback: called with a DPOProgress on each event; returning False stops training
             after saving the adapters.
         metadata: extra fields for adapter_config.json.
+        overwrite: replace the adapters of an earlier run in `adapter_path` (its cached
+            reference log-probs are kept); without it (and without `resume_adapter_file`) a
+            directory that already holds files is refused.
 
     Raises TrainingDivergedError when the loss or gradient turns NaN/inf (nothing is written
     for that step), ValueError when parameters other than the adapters would train.
     """
     config = config or TrainingConfig()
     dpo = dpo or DPOConfig()
-    adapter_path = Path(adapter_path)
+    adapter_path = prepare_adapter_dir(adapter_path, resuming=resume_adapter_file is not None,
+                                       overwrite=overwrite)
     if isinstance(data, dict):
         datasets = data
     else:

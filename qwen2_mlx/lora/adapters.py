@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +21,81 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, LoRAAdapter, LoRAConfig, apply_lora
+from qwen2_mlx.errors import HintedError
+from qwen2_mlx.files import atomic_save_safetensors, atomic_write_json
+from qwen2_mlx.lora.layers import (
+    ADAPTER_PARAMETERS,
+    LoRAAdapter,
+    LoRAConfig,
+    apply_lora,
+    lora_layers,
+    remove_lora,
+)
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 STATE_SUFFIX = "training_state.safetensors"
 FORMAT_VERSION = 1
+# Files a new run into an adapter directory may find and keep: DPO's cached reference
+# log-probs, keyed by the data and base weights (reusable by any run on them).
+REUSABLE_PREFIX = "reference_logps_"
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
+class AdapterDirectoryError(HintedError):
+    """An adapter directory a training run may not write into (in use, a file, unwritable)."""
 
-    A crash leaves either the old file or the new one, never a half-written file.
+
+def _is_adapter_output(name: str) -> bool:
+    return name == CONFIG_FILE or name.endswith((ADAPTER_FILE, STATE_SUFFIX))
+
+
+def prepare_adapter_dir(adapter_path: str | os.PathLike, *, resuming: bool = False,
+                        overwrite: bool = False, create: bool = True) -> Path:
+    """Create (or, with `create=False`, only check) the output directory of a training run,
+    before its first step.
+
+    A path that is a file, lies under a file, or cannot be written is an error now, not after
+    the run. A directory that already holds files (an earlier run's adapters) is refused,
+    so retraining never silently replaces adapters, unless the run resumes from a checkpoint
+    (`resuming`) or `overwrite` is given: then the earlier run's adapter files (adapters,
+    config, training states, numbered checkpoints) are removed and other files are kept.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array],
-                            metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata or {}))
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-
-    def write(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write_bytes(path, write)
+    path = Path(adapter_path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise AdapterDirectoryError(f"the adapter path {path} is a file; adapters are written "
+                                    "to a directory")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise AdapterDirectoryError(f"cannot create the adapter directory {path}: {existing} "
+                                    "is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AdapterDirectoryError(f"cannot write the adapter directory {path}: {existing} "
+                                    "is not writable")
+    if existing != path and not path.exists():
+        if not create:
+            return path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AdapterDirectoryError(f"cannot create the adapter directory {path}: "
+                                        f"{e.strerror or e}") from e
+    present = sorted(p.name for p in path.iterdir() if not p.name.startswith(REUSABLE_PREFIX))
+    if not present or resuming:
+        return path
+    if not overwrite:
+        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+        problem = f"the adapter directory {path} already holds {shown}"
+        raise AdapterDirectoryError(
+            problem,
+            api_hint="; resume it (resume_adapter_file=...), replace its adapters "
+                     "(overwrite=True) or choose another adapter_path",
+            cli_hint=f"; continue that run with --resume-adapter-file {path / ADAPTER_FILE}, "
+                     "replace its adapters with --overwrite, or choose another --adapter-path")
+    if create:
+        for name in present:
+            if _is_adapter_output(name) and (path / name).is_file():
+                (path / name).unlink()
+    return path
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -210,7 +247,7 @@ def load_adapter_weights(model: nn.Module, weights_file: Path) -> int | None:
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong[:8]))
     if problems:
-        raise ValueError(f"adapter {weights_file} does not fit this model ("
+        raise ValueError(f"the adapter {weights_file} does not fit this model ("
                          + " | ".join(problems) + ")")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
@@ -226,9 +263,24 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Module
     (``0000100_adapters.safetensors``). The model is left in eval mode (no dropout).
     """
     weights_file, config_file = resolve_adapter_files(adapter_path)
-    config, _ = read_adapter_config(config_file)
-    apply_lora(model, config)
-    load_adapter_weights(model, weights_file)
+    config, data = read_adapter_config(config_file)
+    base = (data.get("qwen2_mlx") or {}).get("base_model")
+    trained_on = f"; it was trained on {base}" if base else ""
+    had_adapters = bool(lora_layers(model))
+    try:
+        try:
+            apply_lora(model, config)
+        except ValueError as e:
+            raise ValueError(f"the adapter {adapter_path} does not fit this model: "
+                             f"{e}{trained_on}") from e
+        try:
+            load_adapter_weights(model, weights_file)
+        except ValueError as e:
+            raise ValueError(f"{e}{trained_on}") from e
+    except ValueError:
+        if not had_adapters:
+            remove_lora(model)  # leave the model as it was
+        raise
     model.eval()
     return model
 

@@ -154,12 +154,20 @@ def encode_record(record: object, tokenizer, *, where: str, mask_prompt: bool = 
 
 def read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     """("file:line", parsed record) for each non-blank line of a JSONL file; a line that is not
-    JSON raises DataFormatError naming the file and line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    UTF-8 or not JSON raises DataFormatError naming the file, the line and the column."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the "
+                                      "line); save the file as UTF-8") from e
+            line = line.rstrip("\r\n")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:

@@ -122,9 +122,12 @@ def fuse_model(model_path: str | os.PathLike, adapter_path: str | os.PathLike,
     The output dtype is the base's (or `dtype`). Quantized bases loaded on the CPU backend
     compute in float32, so their de-quantized output is float32 there.
     """
+    from qwen2_mlx.convert.save import check_not_source, check_output_free
     from qwen2_mlx.loader import load, load_config, resolve_model_path
 
     source = resolve_model_path(model_path)
+    check_not_source(save_path, source, "the base model")
+    check_output_free(Path(save_path), force)  # before the work, not after it
     model, tokenizer = load(source, dtype=dtype)
     load_adapter(model, adapter_path)
     fuse_adapters(model, dequantize=dequantize)

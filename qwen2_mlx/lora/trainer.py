@@ -33,6 +33,7 @@ from qwen2_mlx.lora.adapters import (
     ADAPTER_FILE,
     load_adapter_weights,
     load_training_state,
+    prepare_adapter_dir,
     read_adapter_config,
     resolve_adapter_files,
     save_adapter,
@@ -577,6 +578,7 @@ def train(
     resume_adapter_file: str | os.PathLike | None = None,
     callback: Callback | None = None,
     metadata: dict | None = None,
+    overwrite: bool = False,
 ) -> TrainingResult:
     """Fine-tune LoRA adapters on `model` and save them under `adapter_path`.
 
@@ -596,13 +598,18 @@ def train(
         callback: called with a TrainingProgress on each event; returning False stops
             training after saving the adapters (for a Stop button).
         metadata: extra fields for adapter_config.json (e.g. the base model's name).
+        overwrite: replace the adapters of an earlier run in `adapter_path`; without it (and
+            without `resume_adapter_file`) a directory that already holds files is refused.
 
-    Raises TrainingDivergedError when the loss or gradient turns NaN/inf; the adapters of
-    that step are not written (earlier checkpoints stay). The global MLX random seed is
+    The adapter directory is checked (and created) before anything else, so a bad path
+    fails at once, not at the first save. Raises TrainingDivergedError when the loss or
+    gradient turns NaN/inf; the adapters of that step are not written (earlier checkpoints
+    stay). The global MLX random seed is
     reset from `config.seed` at each step (dropout masks and LoRA init are reproducible).
     """
     config = config or TrainingConfig()
-    adapter_path = Path(adapter_path)
+    adapter_path = prepare_adapter_dir(adapter_path, resuming=resume_adapter_file is not None,
+                                       overwrite=overwrite)
     if isinstance(data, dict):
         datasets = data
     else:
