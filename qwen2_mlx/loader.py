@@ -11,8 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.metal_kernels.quantized import use_kernel_linears
-from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.model import Model
 from qwen2_mlx.moe import cast_experts_for_backend
 
 # What a model directory needs; nothing else (e.g. *.bin or *.gguf) is downloaded.
