@@ -12,19 +12,12 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen2_mlx.cache import KVCache, ModelCache, QuantizedKVCache
+from qwen2_mlx.cache import NO_CACHE, KVCache, ModelCache, QuantizedKVCache
 from qwen2_mlx.config import ModelConfig
+from qwen2_mlx.dca import DualChunkAttention
 from qwen2_mlx.long_context import with_long_context
-from qwen2_mlx.metal_kernels.attention import (
-    quantized_scaled_dot_product_attention,
-    scaled_dot_product_attention,
-)
+from qwen2_mlx.masks import Mask, create_attention_masks
 from qwen2_mlx.metal_kernels.dispatch import kernel_backend
-from qwen2_mlx.metal_kernels.dual_chunk_attention import (
-    dca_write_keys,
-    dual_chunk_attention,
-    quantized_dual_chunk_attention,
-)
 from qwen2_mlx.metal_kernels.quantized import swiglu
 from qwen2_mlx.moe import SparseMoeBlock, is_moe_layer, moe_quant_predicate, stack_expert_weights
 from qwen2_mlx.rope import RoPE
@@ -32,11 +25,12 @@ from qwen2_mlx.validation import TokenIdError, check_token_array
 
 
 class Attention(nn.Module):
-    """Grouped-query attention: q/k/v with bias, o without; RoPE on q and k.
+    """Grouped-query attention: q/k/v with bias, o without; RoPE on q and k, then the cache
+    attends (it appends k and v and reads itself as stored, float or quantized).
 
-    Under Dual Chunk Attention, keys are cached rotated at chunk-relative positions and
-    scaled by the length temperature, and queries are rotated three ways inside
-    `dual_chunk_attention` (spec long-context.md §4).
+    Under Dual Chunk Attention (`qwen2_mlx.dca`) the positions and the attention are
+    `self.dual_chunk`'s instead: keys are cached rotated at chunk-relative positions and
+    queries are rotated three ways (spec long-context.md §4).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -68,76 +62,22 @@ class Attention(nn.Module):
             scaling=long_context.rope_scaling,
             max_position_embeddings=config.max_position_embeddings,
         )
+        self.dual_chunk = (None if self.dca is None
+                           else DualChunkAttention(self.dca, self.rope.inv_freq, self.scale))
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask = None, cache: KVCache | None = None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-
-        if cache is not None and cache.mode != self.mode:
-            raise ValueError(
-                f"this KV cache was written in {cache.mode!r} attention mode but the model "
-                f"runs {self.mode!r}: the mode is fixed per sequence, start a new cache"
-            )
-        if self.dca is not None:
-            out = self._dual_chunk_attention(q, k, v, cache)
-            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
-        if isinstance(cache, QuantizedKVCache):
-            # The attention reads the 8/4-bit cache as stored (a kernel does on Metal).
-            kq, vq = cache.update_and_fetch_quantized(k, v)
-            mask = attention_mask(L, cache.offset, self.sliding_window)
-            out = quantized_scaled_dot_product_attention(
-                q, kq, vq, scale=self.scale, mask=mask,
-                group_size=cache.group_size, bits=cache.bits)
+        cache = cache if cache is not None else NO_CACHE
+        if self.dual_chunk is None:
+            q = self.rope(q, offset=cache.offset)
+            k = self.rope(k, offset=cache.offset)
+            out = cache.attend(q, k, v, scale=self.scale, mask=mask)
         else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-            mask = attention_mask(L, k.shape[2], self.sliding_window)
-            out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            out = self.dual_chunk(q, k, v, cache)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-    def _dual_chunk_attention(
-        self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None
-    ) -> mx.array:
-        offset = cache.offset if cache is not None else 0
-        # The length temperature comes from the whole prompt during (chunked) prefill and
-        # from the current length in decode; cached keys keep the one they were written
-        # with (vLLM's behaviour, spec §4.4).
-        prompt_length = cache.prompt_length if cache is not None else 0
-        temperature = self.dca.temperature(max(offset + q.shape[2], prompt_length))
-        inv_freq = self.rope.inv_freq
-        k = dca_write_keys(k, offset, self.dca, inv_freq, temperature=temperature)
-        args = dict(q_start=offset, cfg=self.dca, inv_freq=inv_freq, scale=self.scale,
-                    q_temperature=temperature)
-        if isinstance(cache, QuantizedKVCache):
-            # Decode reads the 8/4-bit cache as stored (a kernel does on Metal).
-            kq, vq = cache.update_and_fetch_quantized(k, v)
-            return quantized_dual_chunk_attention(q, kq, vq, group_size=cache.group_size,
-                                                  bits=cache.bits, **args)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        return dual_chunk_attention(q, k, v, **args)
-
-
-def attention_mask(
-    n_queries: int, n_keys: int, sliding_window: int | None
-) -> mx.array | str | None:
-    """Mask for the last `n_queries` positions of a sequence of `n_keys`.
-
-    Queries sit at the end (bottom-right aligned), as in chunked prefill against a cache.
-    With a sliding window, query i sees keys j with i - window < j <= i, as transformers'
-    `sliding_window_causal_mask_function` does.
-    """
-    if sliding_window is None or n_keys <= sliding_window:
-        return "causal" if n_queries > 1 else None
-    q_pos = mx.arange(n_keys - n_queries, n_keys)[:, None]
-    k_pos = mx.arange(n_keys)[None, :]
-    return (k_pos <= q_pos) & (k_pos > q_pos - sliding_window)
 
 
 class MLP(nn.Module):
@@ -173,8 +113,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, mask: Mask = None, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -190,9 +130,17 @@ class Qwen2Model(nn.Module):
     def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.embed_tokens(input_ids)
         caches = cache if cache is not None else [None] * len(self.layers)
+        masks = create_attention_masks(h, caches[0], self.sliding_window)
         for layer, layer_cache in zip(self.layers, caches, strict=True):
-            h = layer(h, layer_cache)
+            mask = masks.sliding if layer.self_attn.sliding_window else masks.full
+            h = layer(h, mask, layer_cache)
         return self.norm(h)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of the sliding layers (None when no layer slides)."""
+        return next((layer.self_attn.sliding_window for layer in self.layers
+                     if layer.self_attn.sliding_window), None)
 
 
 class Model(nn.Module):
