@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -22,6 +24,8 @@ from qwen2_mlx.tools import ToolCall
 from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict]
+# Called after each prefill step with (prompt tokens done, prompt tokens in all).
+PromptProgress = Callable[[int, int], None]
 
 
 class ContextLengthError(HintedError):
@@ -36,13 +40,15 @@ class GenerationResponse:
     a possible stop string or possible markup is held back) and `reasoning` the newly printable
     reasoning (text inside ``<think>...</think>``). The last response has `finish_reason` set to
     "stop" (EOS or a stop string), "tool_calls" (it stopped after calling tools) or "length"
-    (max_tokens or the context end), and carries the whole answer (`full_text`), the whole
-    reasoning (`reasoning_text`), the parsed `tool_calls` (when tools were given) and whether
-    some tool-call markup was malformed and passed on as text (`malformed_tool_call`).
+    (max_tokens or the context end) or "cancelled" (the `cancel` event was set), and carries
+    the whole answer (`full_text`), the whole reasoning (`reasoning_text`), the parsed
+    `tool_calls` (when tools were given) and whether some tool-call markup was malformed and
+    passed on as text (`malformed_tool_call`). A stream cancelled between two tokens (or during
+    the prefill) ends with a response that carries no token: `token` None, `logprob` NaN.
     """
 
     text: str
-    token: int
+    token: int | None
     logprob: float
     prompt_tokens: int
     prompt_tps: float
@@ -65,12 +71,19 @@ def generate_step(
     cache: list[KVCache] | None = None,
     max_tokens: int = 256,
     prefill_step_size: int = 512,
+    cancel=None,
+    prompt_progress: PromptProgress | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs)` for up to `max_tokens` new tokens after `prompt` (1-D ids).
 
     The prompt is prefilled in steps of `prefill_step_size` tokens so no step builds an
     attention matrix larger than step x length. Decoding queues step t+1 with
     `mx.async_eval` before it hands out token t, so graph building overlaps compute.
+
+    `cancel` (a `threading.Event`, or anything with `is_set()`) is checked before each prefill
+    step and before each token after the first: once it is set, the generator returns (after
+    at most the token being computed). `prompt_progress(done, total)` is called after each
+    prefill step and once more, with done == total, when the first token is ready.
 
     `cache` (a `ModelCache` from `model.make_cache()`, or a plain list of layer caches) is
     continued; the repetition penalty sees the ids it already holds (`cache.tokens`) before
@@ -80,9 +93,11 @@ def generate_step(
     finished or been closed (whatever the reason: `max_tokens`, the consumer stopping at
     EOS or a stop string, `close()` after any number of tokens, an exception), every layer
     of the cache holds exactly the positions it held before, plus the prompt, plus every
-    token yielded so far, and `cache.tokens` lists those ids. (An exception before the first
-    token leaves the cache as it was.)
+    token yielded so far, and `cache.tokens` lists those ids. (An exception or a cancel before
+    the first token leaves the cache as it was.) Nothing in the cache is left lazy, so another
+    thread may read or continue it (MLX cannot evaluate arrays another thread recorded).
     """
+    check_cancel(cancel)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
     prompt_ids = check_token_ids(prompt, model.config.vocab_size)
@@ -124,18 +139,17 @@ def generate_step(
         return token, logprobs[0]
 
     yielded = 0
+    total = len(prompt_ids)
     try:
         # Prefill all but the last prompt token; that one produces the first logits.
-        while prompt.size > 1:
-            n = min(prefill_step_size, prompt.size - 1)
-            forward(prompt[:n][None], cache=cache)
-            mx.eval([c.state for c in cache])
-            prompt = prompt[n:]
-            mx.clear_cache()
-
-        token, logprobs = step(prompt)
+        if not prefill(model, cache, prompt[:-1], step_size=prefill_step_size, cancel=cancel,
+                       progress=prompt_progress, total=total) or _is_set(cancel):
+            return
+        token, logprobs = step(prompt[-1:])
         mx.async_eval(token, logprobs)
         while yielded < max_tokens:
+            if yielded and _is_set(cancel):
+                return
             if yielded + 1 < max_tokens:
                 # Writes `token`'s keys and values and samples the next one.
                 next_token, next_logprobs = step(token)
@@ -143,15 +157,70 @@ def generate_step(
             else:
                 # The last token: only its keys and values (the invariant), no logits.
                 _write_tokens(model, cache, token)
+            value = token.item()
+            if not yielded and prompt_progress is not None:
+                prompt_progress(total, total)
             yielded += 1
-            yield token.item(), logprobs
+            yield value, logprobs
             if yielded % 256 == 0:
                 mx.clear_cache()
             if yielded < max_tokens:
                 token, logprobs = next_token, next_logprobs
     finally:
+        failure = sys.exc_info()[1]
         # Normally a no-op; after an exception mid-step, undo that step's partial writes.
         _settle(cache, start + len(prompt_ids) + yielded if yielded else start)
+        try:
+            _materialize(cache)
+        except Exception:
+            if failure is None or isinstance(failure, GeneratorExit):
+                raise  # else the step's own exception is the one to report
+
+
+def prefill(model, cache: ModelCache, ids: mx.array, *, step_size: int = 512, cancel=None,
+            progress: PromptProgress | None = None, total: int | None = None) -> bool:
+    """Write the keys and values of `ids` (1-D, already checked) into `cache`, `step_size`
+    tokens per forward pass, without computing logits.
+
+    Before each step it stops if `cancel.is_set()` (returns False; the steps done so far stay
+    in the cache); after each it calls `progress(done, total)` (`total` defaults to the
+    length of `ids`). Returns True when every id is in the cache. Nothing is left lazy (see
+    `generate_step`).
+    """
+    forward = getattr(model, "forward", model)  # the ids were checked by the caller
+    total = ids.size if total is None else total
+    done = 0
+    try:
+        while done < ids.size:
+            if _is_set(cancel):
+                return False
+            n = min(step_size, ids.size - done)
+            forward(ids[done:done + n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += n
+            mx.clear_cache()
+            if progress is not None:
+                progress(done, total)
+        return True
+    finally:
+        _ = cache.tokens  # the ids of the steps, read on this thread
+
+
+def check_cancel(cancel) -> None:
+    """Raise TypeError unless `cancel` is None or has an `is_set()` method (an Event)."""
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel must be a threading.Event (or have is_set()), got "
+                        f"{type(cancel).__name__}")
+
+
+def _is_set(cancel) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
+def _materialize(cache: ModelCache) -> None:
+    """Evaluate the cache's arrays and read its ids now, on the generating thread."""
+    mx.eval([c.state for c in cache])
+    _ = cache.tokens
 
 
 def _write_tokens(model, cache: ModelCache, tokens: mx.array) -> None:
@@ -227,6 +296,8 @@ def stream_generate(
     cache: list[KVCache] | None = None,
     kv_bits: int | None = None,
     tools: Sequence[dict] | None = None,
+    cancel=None,
+    prompt_progress: PromptProgress | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -245,6 +316,12 @@ def stream_generate(
         tools: OpenAI function schemas. A chat prompt shows them to the model (through its
             template); with any prompt, the tool calls the model writes are parsed out of
             `text` into the last response's `tool_calls` (finish_reason "tool_calls").
+        cancel: a `threading.Event` (or anything with `is_set()`), checked before each prefill
+            step and each token: once set (from any thread), the stream ends within one token
+            or prefill step with finish_reason "cancelled". Cancelled during the prefill, the
+            cache is left as it was.
+        prompt_progress: called as `prompt_progress(done, total)` after each prefill step
+            (a progress bar for a long prompt).
 
     A string prompt is used as it is: no chat template is applied (the CLI's `--chat`, its
     default, templates the prompt; pass chat messages here for the same):
@@ -263,6 +340,7 @@ def stream_generate(
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    check_cancel(cancel)
     sampling = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty,
@@ -294,24 +372,57 @@ def stream_generate(
         cache = model.make_cache(kv_bits=kv_bits)
     elif kv_bits is not None:
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
+    # The end of what the model reads before its output (a cached prompt counts): a prompt
+    # that opened <think> starts the output in reasoning.
+    tail = [t for t in cache.tokens[-8:] if t != UNKNOWN_TOKEN] + ids[-8:]
     steps = generate_step(ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
-                          prefill_step_size=prefill_step_size)
+                          prefill_step_size=prefill_step_size, cancel=cancel,
+                          prompt_progress=prompt_progress)
     try:
-        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools)
+        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, cancel, tail)
     finally:
         steps.close()  # settles the cache now, not whenever the generator is collected
 
 
 def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: int,
-               tools: Sequence[dict] | None) -> Iterator[GenerationResponse]:
-    """The GenerationResponses of `steps` (generate_step's tokens): text, stops, speeds."""
+               tools: Sequence[dict] | None, cancel, tail: list[int]
+               ) -> Iterator[GenerationResponse]:
+    """The GenerationResponses of `steps` (generate_step's tokens): text, stops, speeds.
+    `tail` is the end of what the model read before its output (cached tokens included)."""
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
-    parser = OutputParser.for_prompt(tokenizer, ids, tools)
+    parser = OutputParser.for_prompt(tokenizer, tail, tools)
 
     tic = time.perf_counter()
     prompt_tps = 0.0
     pending = ""  # decoded text not yet handed out (may begin a stop string)
+
+    def respond(text: str, token: int | None, logprob: float, n: int,
+                finish: str | None) -> GenerationResponse:
+        parsed = parser.feed(text)
+        final = {}
+        if finish is not None:
+            parsed = parsed + parser.finish()
+            if finish == "stop" and parser.tool_calls:
+                finish = "tool_calls"
+            final = dict(tool_calls=list(parser.tool_calls), full_text=parser.text,
+                         reasoning_text=parser.reasoning, malformed_tool_call=parser.malformed)
+        elapsed = time.perf_counter() - tic
+        return GenerationResponse(
+            text=parsed.text,
+            reasoning=parsed.reasoning,
+            token=token,
+            logprob=logprob,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            **final,
+        )
+
+    n = 0
     for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
@@ -327,38 +438,19 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
         hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
             text, pending, finish = pending[:hit], "", "stop"
-        elif finish is not None or n == max_tokens:
+        elif finish is not None or n == max_tokens or _is_set(cancel):
             if finish is None:
                 pending += detokenizer.finalize()
-                finish = "length"
+                finish = "length" if n == max_tokens else "cancelled"
             text, pending = pending, ""
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        parsed = parser.feed(text)
-        final = {}
-        if finish is not None:
-            parsed = parsed + parser.finish()
-            if finish == "stop" and parser.tool_calls:
-                finish = "tool_calls"
-            final = dict(tool_calls=list(parser.tool_calls), full_text=parser.text,
-                         reasoning_text=parser.reasoning, malformed_tool_call=parser.malformed)
-        elapsed = time.perf_counter() - tic
-        yield GenerationResponse(
-            text=parsed.text,
-            reasoning=parsed.reasoning,
-            token=token,
-            logprob=logprobs[token].item(),
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-            **final,
-        )
+        yield respond(text, token, logprobs[token].item(), n, finish)
         if finish is not None:
             return
+    # The steps ended before a finish: cancelled between two tokens or during the prefill.
+    yield respond(pending + detokenizer.finalize(), None, math.nan, n, "cancelled")
 
 
 class GenerationResult(str):

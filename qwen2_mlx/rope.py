@@ -255,6 +255,9 @@ class RoPE(nn.Module):
         self._inv_freq = inv_freq
         # mx.fast.rope's `freqs` are periods: angle = position / freqs (checked in the tests).
         self._periods = 1.0 / inv_freq
+        # Computed now: MLX cannot evaluate a lazy array on another thread than the one that
+        # recorded it, and a model built on one thread may generate on another.
+        mx.eval(self._inv_freq, self._periods)
 
     @property
     def inv_freq(self) -> mx.array:
