@@ -6,6 +6,7 @@
 """
 
 from qwen2_mlx.cache import KVCache, ModelCache, load_cache, save_cache
+from qwen2_mlx.chat_session import ChatResponse, ChatSession, ChatSessionBusyError
 from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.generate import GenerationResponse, GenerationResult, generate, stream_generate
 from qwen2_mlx.loader import load
@@ -17,6 +18,9 @@ from qwen2_mlx.tools import ToolCall
 from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 __all__ = [
+    "ChatResponse",
+    "ChatSession",
+    "ChatSessionBusyError",
     "GenerationResponse",
     "GenerationResult",
     "KVCache",

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from qwen2_mlx.config import ModelConfig
+from qwen2_mlx.fingerprint import model_source
 from qwen2_mlx.metal_kernels.quantized import use_kernel_linears
 from qwen2_mlx.model import Model
 from qwen2_mlx.model_files import (  # noqa: F401  (the loader's public names, re-exported)
@@ -245,5 +246,7 @@ def load(
         from qwen2_mlx.lora import load_adapter
 
         load_adapter(model, adapter_path)
+    # What a saved chat session is checked against (qwen2_mlx.fingerprint).
+    model.source = model_source(model_path, weight_files(model_path), adapter_path)
     tokenizer = Qwen2Tokenizer.from_pretrained(model_path)
     return model, tokenizer
