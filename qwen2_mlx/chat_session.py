@@ -233,7 +233,7 @@ class ChatSession:
         """
         new = _new_messages(message)
         _check_options({k: v for k, v in options.items() if k != "tools"}, "stream")
-        return self._turn(new, options, regenerate=False)
+        return self._start(new, options, regenerate=False)
 
     def send(self, message: str | dict | Sequence[dict] | None = None,
              **options) -> GenerationResult:
@@ -245,7 +245,7 @@ class ChatSession:
         """Drop the last reply and stream a new one, continued from the cache (only the
         generation prompt is prefilled)."""
         _check_options({k: v for k, v in options.items() if k != "tools"}, "regenerate")
-        return self._turn([], options, regenerate=True)
+        return self._start([], options, regenerate=True)
 
     def regenerate(self, **options) -> GenerationResult:
         """`stream_regenerate` to the end; returns the new reply text."""
@@ -272,10 +272,10 @@ class ChatSession:
 
     def cancel(self) -> None:
         """Stop the reply being generated, from any thread: its stream ends within one token
-        (or one prefill step) with finish_reason "cancelled". Does nothing between turns."""
-        with self._lock:
-            if self._busy is not None:
-                self._cancel.set()
+        (or one prefill step) with finish_reason "cancelled". A stream already made but not
+        yet iterated (an app hands it to its worker thread) ends at once when it starts;
+        streams made after the call are not affected."""
+        self._cancel.set()
 
     def undo(self) -> list[dict]:
         """Remove the last exchange (the last user message and everything after it) and trim
@@ -375,7 +375,6 @@ class ChatSession:
                     f"stream (or cancel() it) before {action}; a session serves one thread "
                     "at a time")
             self._busy = me
-            self._cancel.clear()
         try:
             yield
         finally:
@@ -405,6 +404,14 @@ class ChatSession:
             raise ValueError(f"tool calls {', '.join(others)} still wait for results: record "
                              "them with add_tool_result() before sending the last one")
         return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+    def _start(self, new: list[dict], options: dict,
+               regenerate: bool) -> Iterator[ChatResponse]:
+        """A new turn's stream; a cancel() from now on applies to it."""
+        with self._lock:
+            if self._busy is None:  # else the running turn keeps its cancel
+                self._cancel.clear()
+        return self._turn(new, options, regenerate)
 
     def _turn(self, new: list[dict], options: dict,
               regenerate: bool) -> Iterator[ChatResponse]:

@@ -155,6 +155,17 @@ def test_cancel_between_turns_does_nothing(model, tok):
     assert chat.send("Hi").finish_reason == "length"
 
 
+def test_cancel_of_a_stream_made_but_not_started(model, tok):
+    chat = ChatSession(model, tok, max_tokens=4)
+    stream = chat.stream("Hi")  # e.g. made on the UI thread, handed to a worker
+    chat.cancel()
+    responses = list(stream)
+    assert [r.finish_reason for r in responses] == ["cancelled"]
+    assert chat.messages == [{"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": ""}]
+    assert chat.send("Hi again").finish_reason == "length"  # not cancelled
+
+
 def test_cancel_during_the_prefill(model, tok):
     chat = ChatSession(model, tok, max_tokens=8, prefill_step_size=8)
     chat.send("Hi")
