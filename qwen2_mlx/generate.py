@@ -43,8 +43,8 @@ class GenerationResponse:
     (max_tokens or the context end) or "cancelled" (the `cancel` event was set), and carries
     the whole answer (`full_text`), the whole reasoning (`reasoning_text`), the parsed
     `tool_calls` (when tools were given) and whether some tool-call markup was malformed and
-    passed on as text (`malformed_tool_call`). A stream cancelled between two tokens (or during
-    the prefill) ends with a response that carries no token: `token` None, `logprob` NaN.
+    passed on as text (`malformed_tool_call`). A cancelled stream ends with a response that
+    carries no new token (`token` None, `logprob` NaN): the text held back until then, if any.
     """
 
     text: str
@@ -379,14 +379,13 @@ def stream_generate(
                           prefill_step_size=prefill_step_size, cancel=cancel,
                           prompt_progress=prompt_progress)
     try:
-        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, cancel, tail)
+        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, tail)
     finally:
         steps.close()  # settles the cache now, not whenever the generator is collected
 
 
 def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: int,
-               tools: Sequence[dict] | None, cancel, tail: list[int]
-               ) -> Iterator[GenerationResponse]:
+               tools: Sequence[dict] | None, tail: list[int]) -> Iterator[GenerationResponse]:
     """The GenerationResponses of `steps` (generate_step's tokens): text, stops, speeds.
     `tail` is the end of what the model read before its output (cached tokens included)."""
     eos = set(tokenizer.eos_token_ids)
@@ -438,10 +437,10 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
         hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
             text, pending, finish = pending[:hit], "", "stop"
-        elif finish is not None or n == max_tokens or _is_set(cancel):
+        elif finish is not None or n == max_tokens:
             if finish is None:
                 pending += detokenizer.finalize()
-                finish = "length" if n == max_tokens else "cancelled"
+                finish = "length"
             text, pending = pending, ""
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
@@ -449,7 +448,8 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
         yield respond(text, token, logprobs[token].item(), n, finish)
         if finish is not None:
             return
-    # The steps ended before a finish: cancelled between two tokens or during the prefill.
+    # The steps ended before a finish: `cancel` was set (generate_step checks it before each
+    # prefill step and each token), so the last response carries no new token.
     yield respond(pending + detokenizer.finalize(), None, math.nan, n, "cancelled")
 
 

@@ -381,15 +381,24 @@ def test_bad_input_loses_nothing(model, tok):
 
 
 def test_memory_is_returned_between_turns(model, tok, monkeypatch):
-    cleared = []
-    real = mx.clear_cache
-    monkeypatch.setattr(mx, "clear_cache", lambda: (cleared.append(1), real()))
+    import qwen2_mlx.chat_session as chat_session
+
+    events = []
+    real_clear, real_prefill = mx.clear_cache, chat_session.prefill
+    monkeypatch.setattr(mx, "clear_cache", lambda: (events.append("clear"), real_clear()))
+
+    def prefill(*args, **kwargs):
+        done = real_prefill(*args, **kwargs)
+        events.append("prefilled")
+        return done
+
+    monkeypatch.setattr(chat_session, "prefill", prefill)
     chat = ChatSession(model, tok, max_tokens=4)
-    seen_at_end = None
     for r in chat.stream("Hi"):
         if r.finish_reason:
-            seen_at_end = len(cleared)
-    assert len(cleared) > seen_at_end
+            events.append("reply")
+    # After the reply and the closing tokens' prefill, the turn returns the freed buffers.
+    assert events[events.index("reply"):][-2:] == ["prefilled", "clear"]
 
 
 def test_messages_and_system_can_be_replaced(model, tok):

@@ -30,10 +30,11 @@ def test_cancel_between_tokens_ends_within_one_token(loaded):
         responses.append(r)
         if len(responses) == 4:
             cancel.set()
-    assert len(responses) <= 5
-    assert responses[-1].finish_reason == "cancelled"
+    # No token after the cancel: the stream ends with a response that carries none.
+    assert len(responses) == 5 and responses[-1].token is None
+    assert responses[-1].finish_reason == "cancelled" and responses[-1].generation_tokens == 4
     assert all(r.finish_reason is None for r in responses[:-1])
-    tokens = [r.token for r in responses if r.token is not None]
+    tokens = [r.token for r in responses[:-1]]
     # The cache holds the prompt and every token handed out.
     assert cache.tokens == tokenizer.encode("once upon a time") + tokens
     assert responses[-1].full_text == "".join(r.text for r in responses)
