@@ -266,10 +266,13 @@ class ChatREPL:
             raise ValueError(f"/set knows {', '.join(sorted(SETTABLE))}, not {name!r}")
         option, parse = SETTABLE[key]
         try:
-            self.chat.defaults[option] = parse(value.strip())
+            parsed = parse(value.strip())
         except ValueError:
-            raise ValueError(f"/set {name} needs a {parse.__name__}, got {value!r}") from None
-        self.note(f"[{option} = {self.chat.defaults[option]!r}]")
+            kind = "an integer" if parse is int else "a number"
+            raise ValueError(f"/set {name} needs {kind}, got {value!r}") from None
+        _check_setting(option, parsed, self.chat.defaults)
+        self.chat.defaults[option] = parsed
+        self.note(f"[{option} = {parsed!r}]")
 
     def _save(self, arg: str, overwrite: bool = False) -> None:
         path = _one_path(arg, "/save")
@@ -310,6 +313,20 @@ class ChatREPL:
         "/retry": _retry, "/system": _system, "/set": _set, "/save": _save,
         "/save!": _save_over, "/load": _load, "/stats": _stats,
     }
+
+
+def _check_setting(option: str, value, defaults: dict) -> None:
+    """Raise ValueError unless `value` is a valid `option` (checked as generation checks it)."""
+    from qwen2_mlx.sampling import SamplingParams
+
+    if option == "max_tokens":
+        if value < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {value}")
+        return
+    if option == "stop":
+        return
+    fields = {f: defaults[f] for f in SamplingParams.__dataclass_fields__ if f in defaults}
+    SamplingParams(**{**fields, option: value})
 
 
 def _one_path(arg: str, command: str) -> str:

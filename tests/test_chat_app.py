@@ -91,7 +91,7 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def wait_for(report: Path, ready, what: str, timeout: float = 90.0) -> dict:
+def wait_for(report: Path, ready, what: str, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     data = None
     while time.monotonic() < deadline:

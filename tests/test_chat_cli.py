@@ -110,9 +110,12 @@ def test_scripted_errors_go_to_stderr_and_exit_1(tiny_checkpoint, tmp_path):
     (tmp_path / "taken").write_text("x")
     result = CliRunner().invoke(cli, ["chat", "-m", str(tiny_checkpoint), "--max-tokens", "3",
                                       "--max-kv-size", "120"],
-                                input=f"/nope\n/save {tmp_path / 'taken'}\n{'word ' * 50}\nok\n")
+                                input=f"/nope\n/save {tmp_path / 'taken'}\n{'word ' * 50}\n"
+                                      "/set temperature -1\n/set top-k many\nok\n")
     assert result.exit_code == 1
     assert "Error: unknown command /nope" in result.stderr
+    assert "Error: temperature must be a finite number >= 0" in result.stderr
+    assert "Error: /set top-k needs an integer, got 'many'" in result.stderr
     assert "exists; /save! " in result.stderr
     assert "Error: the message is too long for max_kv_size=120" in result.stderr
     assert len(result.stdout.splitlines()) == 1  # "ok" was still answered
