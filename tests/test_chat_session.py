@@ -71,6 +71,23 @@ def test_after_several_turns_the_reply_equals_a_fresh_generate(model, tok):
     assert chat.cache.tokens == rendered(chat, tok)
 
 
+def test_an_8_bit_cache_keeps_the_invariant(tok):
+    from qwen2_mlx.cache import QuantizedKVCache
+
+    mx.random.seed(3)  # head_dim 32: the quantization groups need a multiple of 32
+    model = Model(ModelConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, vocab_size=151936,
+                              tie_word_embeddings=True, max_position_embeddings=4096))
+    chat = ChatSession(model, tok, kv_bits=8, max_tokens=12)
+    for i, question in enumerate(QUESTIONS[:3]):
+        chat.send(question, temperature=2.0, seed=i)
+        assert chat.cache.tokens == rendered(chat, tok)
+    assert isinstance(chat.cache[0], QuantizedKVCache)
+    conversation = chat.messages + [{"role": "user", "content": QUESTIONS[3]}]
+    fresh = generate(model, tok, conversation, max_tokens=12, kv_bits=8)
+    assert chat.send(QUESTIONS[3]) == fresh
+
+
 def test_default_system_prompt_is_rendered_once(model, tok):
     chat = ChatSession(model, tok, max_tokens=4)
     for question in QUESTIONS[:3]:
