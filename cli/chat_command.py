@@ -100,7 +100,16 @@ def chat_command(model, system, max_tokens, temp, top_p, top_k, min_p, repetitio
                    prefill_step_size=prefill_step_size)
     try:
         if load_file:
-            chat = ChatSession.load(load_file, mlx_model, tokenizer)
+            if kv_bits:
+                raise click.UsageError("--kv-bits applies to a new conversation; a saved one "
+                                       "keeps its cache's format")
+            # The file's settings, but flags given on this command line win.
+            chat = ChatSession.load(load_file, mlx_model, tokenizer,
+                                    **{k: v for k, v in options.items() if _given(k)})
+            if system is not None:
+                chat.system = system
+            if max_kv_size is not None:
+                chat.max_kv_size = max_kv_size
         else:
             chat = ChatSession(mlx_model, tokenizer, system=system, max_kv_size=max_kv_size,
                                kv_bits=int(kv_bits) if kv_bits else None, **options)
@@ -114,6 +123,19 @@ def chat_command(model, system, max_tokens, temp, top_p, top_k, min_p, repetitio
         failed = repl.run(read_messages(interactive))
     if failed:
         sys.exit(1)
+
+
+# Generation options and the flags that set them.
+_FLAGS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+          "repetition_penalty": "repetition_penalty", "max_tokens": "max_tokens",
+          "seed": "seed", "stop": "stop", "repetition_context_size": "repetition_context_size",
+          "prefill_step_size": "prefill_step_size"}
+
+
+def _given(option: str) -> bool:
+    """Whether the flag behind a generation option was given on the command line."""
+    source = click.get_current_context().get_parameter_source(_FLAGS[option])
+    return source == click.core.ParameterSource.COMMANDLINE
 
 
 def read_messages(interactive: bool, read_line: Callable[[str], str] | None = None

@@ -130,6 +130,23 @@ def test_verbose_says_wired_memory_is_a_no_op_on_cpu(tiny_checkpoint):
     assert "Generation: 2 tokens" in result.stderr
 
 
+def test_load_keeps_the_saved_settings_unless_flags_say_otherwise(tiny_checkpoint, tmp_path):
+    model, tokenizer = load(tiny_checkpoint)
+    chat = ChatSession(model, tokenizer, max_tokens=3, temperature=0.0, stop=["zz"])
+    chat.send("hi")
+    chat.save(tmp_path / "s.safetensors")
+    args = ["chat", "-m", str(tiny_checkpoint), "--load", str(tmp_path / "s.safetensors")]
+    shown = CliRunner().invoke(cli, args, input="/set\n")
+    assert "max_tokens=3" in shown.stderr and "stop=['zz']" in shown.stderr
+    assert "temperature=0.0" in shown.stderr
+    shown = CliRunner().invoke(cli, [*args, "--max-tokens", "5", "--system", "New."],
+                               input="/set\n/system\n")
+    assert "max_tokens=5" in shown.stderr and "stop=['zz']" in shown.stderr
+    assert "New." in shown.stderr
+    refused = CliRunner().invoke(cli, [*args, "--kv-bits", "8"], input="")
+    assert refused.exit_code == 2 and "keeps its cache's format" in refused.output
+
+
 def test_bad_model_or_file_is_one_line(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(cli, ["chat", "-m", str(tmp_path / "nope")], input="")
     assert result.exit_code == 1 and "Traceback" not in result.output
