@@ -157,6 +157,9 @@ class ChatSession:
             raise ValueError(f"max_kv_size must be an integer >= 2, got {max_kv_size!r}")
         if system is not None and not isinstance(system, str):
             raise ValueError(f"system must be a str or None, got {type(system).__name__}")
+        if getattr(tokenizer, "chat_template", "") is None:
+            raise ValueError("this model's tokenizer has no chat template, which a chat session "
+                             "needs (a base model? generate from plain text instead)")
         self.model, self.tokenizer = model, tokenizer
         self.tools = check_tools(tools)
         self.defaults = dict(defaults)

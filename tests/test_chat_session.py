@@ -397,6 +397,12 @@ def test_bad_input_loses_nothing(model, tok):
         ChatSession(model, tok, max_kv_size=0)
 
 
+def test_a_tokenizer_without_a_chat_template_is_a_clear_error(model, tok, monkeypatch):
+    monkeypatch.setattr(tok, "chat_template", None)
+    with pytest.raises(ValueError, match="has no chat template"):
+        ChatSession(model, tok)
+
+
 def test_memory_is_returned_between_turns(model, tok, monkeypatch):
     import qwen2_mlx.chat_session as chat_session
 
