@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from qwen2_mlx.cli.errors import click_error
 from qwen2_mlx.convert.quantize import RECIPE_HELP
 
 
@@ -32,7 +33,8 @@ def _exit_on_sigterm(signum, frame) -> None:  # pragma: no cover - exercised in 
               help="Dtype of the float tensors (and quantization scales). "
                    "[default: the checkpoint's]")
 @click.option("--force", is_flag=True,
-              help="Replace an existing --mlx-path (once the new model is complete).")
+              help="Replace an existing --mlx-path that holds a model (config.json and "
+                   "*.safetensors) or nothing, once the new model is complete.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit.")
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest output file, e.g. 5GB or 500MB.")
@@ -55,12 +57,15 @@ def convert_command(hf_path, mlx_path, quantize, q_bits, q_group_size, quant_pre
     """
     from qwen2_mlx.convert import convert
 
+    if not quantize and (q_bits or q_group_size or quant_predicate):
+        raise click.UsageError("--q-bits, --q-group-size and --quant-predicate need -q "
+                               "(--quantize)")
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         convert(hf_path, mlx_path, quantize=quantize, q_group_size=q_group_size, q_bits=q_bits,
                 dtype=dtype, quant_predicate=quant_predicate, force=force, revision=revision,
                 max_shard_size=max_shard_size, log=lambda line: click.echo(line, err=True))
     except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
     finally:
         signal.signal(signal.SIGTERM, previous)

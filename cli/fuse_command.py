@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from qwen2_mlx.cli.errors import click_error
+
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 
 
@@ -19,7 +21,9 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
                    "merged weights (no second rounding).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Cast the base weights to this dtype before merging (default: as stored).")
-@click.option("--force", is_flag=True, help="Replace --save-path if it exists.")
+@click.option("--force", is_flag=True,
+              help="Replace --save-path if it is an existing model directory (never the base "
+                   "model, never a directory of other files).")
 def fuse_command(model, adapter_path, save_path, dequantize, dtype, force) -> None:
     """Merge trained LoRA adapters into the base weights and write a standalone model.
 
@@ -32,11 +36,11 @@ def fuse_command(model, adapter_path, save_path, dequantize, dtype, force) -> No
       qwen2-mlx fuse -m ./qwen2-7b-4bit --adapter-path adapters --save-path ./fused --dequantize
       qwen2-mlx generate --model fused_model --prompt "Hello"
     """
-    from qwen2_mlx.lora import fuse_model
+    from qwen2_mlx.convert import fuse_model
 
     try:
         out = fuse_model(model, adapter_path, save_path, dequantize=dequantize, dtype=dtype,
                          force=force)
     except (OSError, ValueError, NotImplementedError) as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
     click.echo(f"Saved the fused model to {out}")

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
 import click
 
+from qwen2_mlx.cli.errors import click_error
+
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
+
+
+def generation_flags(command):
+    """--max-tokens, the sampling flags, --stop, --adapter-path, --dtype and
+    --prefill-step-size: the options `generate` and `chat` share."""
+    options = [
+        click.option("--max-tokens", default=256, show_default=True,
+                     type=click.IntRange(min=1), help="Most tokens to generate."),
+        click.option("--temp", type=float, default=None,
+                     help="Sampling temperature; 0 is greedy. Default: generation_config.json's "
+                          "value when it samples, else 0."),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (0, 1]."),
+        click.option("--top-k", type=int, default=None,
+                     help="Keep the k most likely tokens (0: off)."),
+        click.option("--min-p", type=float, default=None,
+                     help="Min probability relative to the top."),
+        click.option("--repetition-penalty", type=float, default=None,
+                     help="Penalty > 1 discourages repeating recent tokens."),
+        click.option("--repetition-context-size", type=int, default=64, show_default=True,
+                     help="How many recent tokens the repetition penalty looks at."),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+        click.option("--stop", multiple=True,
+                     help="A string that ends generation (repeatable)."),
+        click.option("--adapter-path", default=None, type=click.Path(),
+                     help="A LoRA adapter directory (from `qwen2-mlx lora`) to apply, unfused."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     default=None, help="Cast weights to this dtype (default: as stored)."),
+        click.option("--prefill-step-size", default=512, show_default=True,
+                     type=click.IntRange(min=1), help="Prompt tokens per prefill step."),
+    ]
+    for option in reversed(options):  # click lists options in decorator order
+        command = option(command)
+    return command
 
 
 @click.command("generate")
@@ -23,26 +59,7 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
                    "its calls print as JSON lines after the answer.")
 @click.option("--hide-reasoning", is_flag=True,
               help="Drop a reasoning model's thinking (<think>...</think>) from the output.")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Most tokens to generate.")
-@click.option("--temp", type=float, default=None,
-              help="Sampling temperature; 0 is greedy. Default: generation_config.json's "
-                   "value when it samples, else 0.")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (0, 1].")
-@click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0: off).")
-@click.option("--min-p", type=float, default=None, help="Min probability relative to the top.")
-@click.option("--repetition-penalty", type=float, default=None,
-              help="Penalty > 1 discourages repeating recent tokens.")
-@click.option("--repetition-context-size", type=int, default=64, show_default=True,
-              help="How many recent tokens the repetition penalty looks at.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option("--stop", multiple=True, help="A string that ends generation (repeatable).")
-@click.option("--adapter-path", default=None, type=click.Path(),
-              help="A LoRA adapter directory (from `qwen2-mlx lora`) to apply, unfused.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Cast weights to this dtype (default: as stored).")
-@click.option("--prefill-step-size", default=512, show_default=True, type=click.IntRange(min=1),
-              help="Prompt tokens per prefill step.")
+@generation_flags
 @click.option("--dca", is_flag=True,
               help="Dual Chunk Attention for prompts past the training length.")
 @click.option("--chunk-size", type=click.IntRange(min=2), default=None,
@@ -77,16 +94,16 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
+    from qwen2_mlx.memory import wired_limit
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = _prompt_text(prompt)
     tools = read_tools(tools_file) if tools_file else None
     try:
         mlx_model, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
                                     chunk_size=chunk_size, local_size=local_size,
                                     yarn_factor=yarn_factor)
     except (OSError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
 
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -99,6 +116,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
                                 repetition_penalty)
     last = None
     show = ReasoningDisplay(hidden=hide_reasoning, terminal=stdout_is_terminal())
+    memory = contextlib.ExitStack()  # the wired limit, held while generating
+    memory.enter_context(wired_limit(mlx_model, log=verbose_line if verbose else None))
     try:
         for last in stream_generate(
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
@@ -108,7 +127,9 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
         ):
             click.echo(show(last.reasoning, last.text), nl=False)
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        raise click_error(e) from e
+    finally:
+        memory.close()
     click.echo(show.close())
     if last is not None:
         for call in last.tool_calls:
@@ -118,6 +139,35 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
                        "as text", err=True)
     if verbose and last is not None:
         click.echo(format_stats(last), err=True)
+        if last.finish_reason == "length" and last.generation_tokens < max_tokens:
+            click.echo(f"Generation stopped at the end of the model's context "
+                       f"({mlx_model.config.context_length} tokens), before --max-tokens "
+                       f"{max_tokens}", err=True)
+
+
+def _prompt_text(prompt: str) -> str:
+    """The prompt as valid text: stdin for "-"; bytes that are not UTF-8 (stdin, or argv,
+    where Python keeps them as lone surrogates) become U+FFFD, with a warning."""
+    if prompt == "-":
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else (
+            sys.stdin.read().encode("utf-8", "surrogateescape"))
+        where = "stdin"
+    else:
+        try:
+            raw = prompt.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that no byte stands for
+            raw = prompt.encode("utf-8", "replace")
+        where = "--prompt"
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        click.echo(f"Warning: the prompt from {where} is not valid UTF-8 (byte {e.start}); "
+                   "invalid bytes were replaced with U+FFFD", err=True)
+        return raw.decode("utf-8", errors="replace")
+
+
+def verbose_line(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def stdout_is_terminal() -> bool:

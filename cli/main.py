@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from qwen2_mlx.cli.chat_command import chat_command
 from qwen2_mlx.cli.convert_command import convert_command
 from qwen2_mlx.cli.dpo_command import dpo_command
 from qwen2_mlx.cli.fuse_command import fuse_command
@@ -22,6 +23,7 @@ def cli() -> None:
     Examples:
       qwen2-mlx generate --prompt "Write a haiku about the sea"
       qwen2-mlx generate --model ./my-qwen2 --prompt - < question.txt
+      qwen2-mlx chat --model Qwen/Qwen2.5-7B-Instruct --system "You are terse."
       qwen2-mlx convert --hf-path Qwen/Qwen2-7B-Instruct --mlx-path qwen2-7b-4bit -q
       qwen2-mlx lora --model qwen2-7b-4bit --data ./my_data --iters 200
       qwen2-mlx dpo --model Qwen/Qwen2-0.5B-Instruct --data ./prefs --beta 0.1
@@ -30,6 +32,7 @@ def cli() -> None:
 
 
 cli.add_command(generate_command)
+cli.add_command(chat_command)
 cli.add_command(lora_command)
 cli.add_command(dpo_command)
 cli.add_command(fuse_command)

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.convert.download import fetch_checkpoint
 from qwen2_mlx.convert.quantize import (
     DEFAULT_BITS,
@@ -42,13 +43,14 @@ from qwen2_mlx.convert.save import (
     MAX_SHARD_BYTES,
     ShardedWriter,
     atomic_output_dir,
+    check_not_source,
     check_output_free,
     format_bytes,
     parse_size,
 )
 from qwen2_mlx.convert.weights import parameter_names, stream_model_weights
-from qwen2_mlx.loader import load_config, weight_files
-from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.model import Model
+from qwen2_mlx.model_files import load_config, weight_files
 from qwen2_mlx.tokenizer import TOKENIZER_FILES
 
 CONVERTIBLE_MODEL_TYPES = ("qwen2", "qwen2_moe")
@@ -148,7 +150,7 @@ def convert(
     """
     log = log or (lambda _: None)
     if not quantize and (q_group_size or q_bits or quant_predicate):
-        raise ValueError("q_group_size, q_bits and quant_predicate need quantize=True (-q)")
+        raise ValueError("q_group_size, q_bits and quant_predicate need quantize=True")
     group_size = q_group_size or DEFAULT_GROUP_SIZE
     bits = q_bits or DEFAULT_BITS
     if quantize:
@@ -164,8 +166,7 @@ def convert(
     check_output_free(output, force)
 
     source = fetch_checkpoint(hf_path, revision=revision)
-    if output.resolve() == source.resolve() or output.resolve() in source.resolve().parents:
-        raise ValueError(f"output {output} would overwrite the source checkpoint {source}")
+    check_not_source(output, source)
     config = load_config(source)
     check_source_config(config, source)
     model = build_model(config)
@@ -179,6 +180,7 @@ def convert(
         if isinstance(predicate, str):
             predicate = recipe_predicate(predicate, model, group_size, q_bits)
         plan = plan_quantization(model, group_size, bits, predicate)
+        plan.check_quantized()  # before writing anything
         # The quantized skeleton gives the output names in the order mlx-lm writes them.
         nn.quantize(model, class_predicate=lambda path, _: plan.layers.get(path, False))
     output_order = parameter_names(model)
@@ -217,8 +219,9 @@ def convert(
     )
     log(f"wrote {output}: {len(written)} file(s), {format_bytes(result.total_size)}, "
         f"{result.bits_per_weight:.3f} bits per weight, {time.perf_counter() - started:.1f} s")
-    if plan is not None and plan.left_in_float:
-        log("left in float: " + "; ".join(f"{p} ({why})" for p, why in plan.left_in_float.items()))
+    summary = plan.float_summary() if plan is not None else None
+    if summary is not None:
+        log(f"warning: {summary}")
     return result
 
 

@@ -12,6 +12,7 @@ the layer its own settings, which are then written per layer into config.json.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen2_mlx.loader import QUANTIZATION_BITS, QUANTIZATION_GROUP_SIZES
+from qwen2_mlx.quantization import (  # noqa: F401  (check_quantization: public here too)
+    QUANTIZATION_GROUP_SIZES,
+    check_quantization,
+)
 
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_BITS = 4
@@ -28,18 +32,8 @@ MODE = "affine"
 QuantPredicate = Callable[[str, nn.Module], "bool | dict[str, Any]"]
 
 
-def check_quantization(bits: int, group_size: int) -> None:
-    """Raise ValueError unless MLX's affine quantization supports `bits` and `group_size`."""
-    if bits not in QUANTIZATION_BITS:
-        raise ValueError(
-            f"quantization bits must be one of {', '.join(map(str, QUANTIZATION_BITS))}, "
-            f"got {bits!r}"
-        )
-    if group_size not in QUANTIZATION_GROUP_SIZES:
-        raise ValueError(
-            "quantization group size must be one of "
-            f"{', '.join(map(str, QUANTIZATION_GROUP_SIZES))}, got {group_size!r}"
-        )
+class QuantizationWarning(UserWarning):
+    """Some layers could not be quantized and stay in float."""
 
 
 def layer_settings(group_size: int, bits: int) -> dict[str, Any]:
@@ -142,6 +136,35 @@ class QuantizationPlan:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     left_in_float: dict[str, str] = field(default_factory=dict)
     configured: set[str] = field(default_factory=set)  # layers a predicate gave settings
+    # Layers that could not be quantized: path -> (input dimension, group size).
+    indivisible: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def check_quantized(self) -> None:
+        """Raise ValueError when no layer could be quantized (the result would be a float
+        model called quantized)."""
+        if self.layers:
+            return
+        if not self.indivisible:
+            raise ValueError("nothing was quantized: the quantization predicate excluded "
+                             "every layer")
+        dims = sorted({d for d, _ in self.indivisible.values()})
+        raise ValueError(
+            f"nothing can be quantized with group size {self.group_size}: no layer's input "
+            f"dimension ({', '.join(map(str, dims))}) is a multiple of it; choose a group size "
+            f"of {', '.join(map(str, QUANTIZATION_GROUP_SIZES))} that divides them")
+
+    def float_summary(self) -> str | None:
+        """One line on the layers left in float because their input dimension is not a
+        multiple of the group size (None when every such layer was quantized)."""
+        if not self.indivisible:
+            return None
+        total = len(self.layers) + len(self.left_in_float)
+        dims = sorted({d for d, _ in self.indivisible.values()})
+        names = sorted(self.indivisible)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return (f"{len(names)} of {total} quantizable layers stay in float: input dimension "
+                f"{', '.join(map(str, dims))} is not a multiple of group size "
+                f"{self.group_size} ({shown})")
 
     def config_block(self) -> dict[str, Any]:
         """config.json's `quantization` in mlx-lm's layout.
@@ -203,6 +226,7 @@ def plan_quantization(
                 f"input dimension {in_dims} is not a multiple of group size "
                 f"{settings['group_size']}"
             )
+            plan.indivisible[path] = (in_dims, settings["group_size"])
             continue
         plan.layers[path] = settings
         if isinstance(decision, dict):
@@ -228,11 +252,17 @@ def quantize_model(
     """Quantize an in-memory model; returns it and a config carrying the quantization block.
 
     `quant_predicate` is a predicate or a recipe name from RECIPES. The config gets
-    `quantization` and its mirror `quantization_config`, as mlx-lm writes them.
+    `quantization` and its mirror `quantization_config`, as mlx-lm writes them. Raises
+    ValueError when no layer can be quantized; warns (QuantizationWarning, one line) when
+    some stay in float because of their dimensions.
     """
     if isinstance(quant_predicate, str):
         quant_predicate = recipe_predicate(quant_predicate, model, group_size, bits)
     plan = plan_quantization(model, group_size, bits, quant_predicate)
+    plan.check_quantized()
+    summary = plan.float_summary()
+    if summary is not None:
+        warnings.warn(summary, QuantizationWarning, stacklevel=2)
     nn.quantize(model, class_predicate=lambda path, _: plan.layers.get(path, False))
     config = copy.deepcopy(config)
     config["quantization"] = plan.config_block()
@@ -243,3 +273,13 @@ def quantize_model(
 def bits_per_weight(total_bytes: int, total_parameters: int) -> float:
     """Average stored bits per model parameter (scales, biases and float layers included)."""
     return 8 * total_bytes / max(total_parameters, 1)
+
+
+def quantize_base(model: nn.Module, bits: int = 4, group_size: int = 64) -> nn.Module:
+    """Quantize a loaded float model in place with the default recipe, for QLoRA (adapters
+    trained over a quantized base, against the weights `qwen2-mlx convert -q` would write; in
+    a Qwen2-MoE model the router and the shared-expert gate stay in float, by the model's own
+    `quant_predicate`). On MLX's CPU backend load the model in float32 first: the quantized
+    matmul runs much faster with float32 activations than with half-precision ones."""
+    quantize_model(model, {}, group_size=group_size, bits=bits)
+    return model

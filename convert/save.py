@@ -24,6 +24,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from qwen2_mlx.files import apply_default_mode
+
 MAX_SHARD_BYTES = 5_000_000_000  # "at most 5 GB per file", as the Hub recommends
 SHARD_METADATA = {"format": "mlx"}
 PARTIAL_MARKER = ".partial-"
@@ -203,6 +205,7 @@ def atomic_output_dir(
     remove_stale_partials(output, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}{PARTIAL_MARKER}{os.getpid()}-",
                                 dir=output.parent))
+    apply_default_mode(tmp)  # mkdtemp makes it 0700; the output gets the umask's mode
     try:
         try:
             yield tmp
@@ -222,14 +225,52 @@ def atomic_output_dir(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class OutputExistsError(FileExistsError):
+    """An output path that exists: refused without `force`, and refused even with it unless
+    it is a model directory (config.json and *.safetensors) or an empty directory.
+
+    `str()` words the fix for Python callers (force=True); `cli_message()` for the command
+    line (--force).
+    """
+
+    def __init__(self, problem: str, replaceable: bool) -> None:
+        super().__init__(problem + ("; pass force=True to replace it" if replaceable else ""))
+        self.problem, self.replaceable = problem, replaceable
+
+    def cli_message(self) -> str:
+        return self.problem + ("; add --force to replace it" if self.replaceable else "")
+
+
+def looks_like_model_dir(path: Path) -> bool:
+    """A directory holding config.json and safetensors weights (what convert and fuse write)."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 def check_output_free(output: Path, force: bool) -> None:
-    """Refuse an existing output path unless `force`."""
-    if output.exists() and not force:
-        raise FileExistsError(
-            errno.EEXIST,
-            f"output {output} already exists; pass --force (force=True) to replace it",
-            str(output),
-        )
+    """Refuse an existing output path, unless `force` and it is a model directory or an
+    empty one (a file, or a directory of anything else, is never replaced)."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if output.is_symlink() or not output.is_dir():
+        raise OutputExistsError(f"output {output} exists and is not a directory; it is never "
+                                "replaced (choose another output path)", replaceable=False)
+    entries = sorted(p.name for p in output.iterdir())
+    if entries and not looks_like_model_dir(output):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputExistsError(
+            f"output {output} exists and holds files that are not a model ({shown}); only a "
+            "model directory (config.json and *.safetensors) or an empty one is ever replaced, "
+            "so choose another output path or empty it yourself", replaceable=False)
+    if not force:
+        raise OutputExistsError(f"output {output} already exists", replaceable=True)
+
+
+def check_not_source(output: Path, source: Path, what: str = "the source checkpoint") -> None:
+    """Refuse an output that is the source model directory or one of its parents."""
+    out, src = Path(output).resolve(), Path(source).resolve()
+    if out == src or out in src.parents:
+        raise ValueError(f"output {output} would overwrite {what} {source}; choose another "
+                         "output path")
 
 
 def _move_into_place(tmp: Path, output: Path, force: bool) -> None:

@@ -9,6 +9,8 @@ dequantizes the cache and calls the former. dispatch.py decides whether kernels 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 
 from qwen2_mlx.metal_kernels.dispatch import (
@@ -58,7 +60,7 @@ def scaled_dot_product_attention(
     boolean mask runs the GQA decode kernel where kernels are on and the shapes fit.
     """
     if _decode_kernel_fits(queries, keys, values, mask):
-        variant = _variant(queries, keys.dtype, bits=0, group_size=0)
+        variant = _variant(queries, keys, bits=0, group_size=0)
         backend = select_backend(DECODE_KERNEL, variant, lambda b: _self_check(b, variant))
         if backend is not None:
             return _run_decode(backend, queries, keys, values, scale=scale)
@@ -94,7 +96,7 @@ def quantized_scaled_dot_product_attention(
     if bits in (4, 8) and group_size in (32, 64, 128) and _decode_kernel_fits(
         queries, keys[1], values[1], mask, head_dim=keys[0].shape[-1] * 32 // bits
     ):
-        variant = _variant(queries, keys[1].dtype, bits=bits, group_size=group_size)
+        variant = _variant(queries, keys[1], bits=bits, group_size=group_size)
         backend = select_backend(
             QUANTIZED_DECODE_KERNEL, variant, lambda b: _self_check(b, variant)
         )
@@ -138,9 +140,22 @@ def _decode_kernel_fits(
     return decode_shape_supported(dim, q_heads // kv_heads)
 
 
-def _variant(queries: mx.array, kv_dtype: mx.Dtype, *, bits: int, group_size: int) -> tuple:
+class DecodeVariant(NamedTuple):
+    """A decode kernel variant: what it is compiled for (dtype, head_dim, the group G =
+    q_heads / kv_heads, bits) and the head geometry its self-check runs at."""
+
+    dtype: mx.Dtype
+    kv_dtype: mx.Dtype
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    bits: int
+    group_size: int
+
+
+def _variant(queries: mx.array, kv: mx.array, *, bits: int, group_size: int) -> DecodeVariant:
     _, q_heads, _, dim = queries.shape
-    return (queries.dtype, kv_dtype, dim, q_heads, bits, group_size)
+    return DecodeVariant(queries.dtype, kv.dtype, dim, q_heads, kv.shape[1], bits, group_size)
 
 
 def _run_decode(
@@ -169,13 +184,13 @@ def _run_decode(
     return out.reshape(batch, q_heads, 1, dim)
 
 
-def _self_check(backend: Backend, variant: tuple) -> None:
-    """Run the variant on small caches (one block, and several blocks plus the merge pass)
-    and compare with MLX's attention on the same (dequantized) values."""
-    q_dtype, kv_dtype, dim, q_heads, bits, group_size = variant
+def _self_check(backend: Backend, variant: DecodeVariant) -> None:
+    """Run the variant on small caches of its own head geometry (one block, and several
+    blocks plus the merge pass) and compare with MLX's attention on the same (dequantized)
+    values."""
+    q_dtype, kv_dtype, dim, q_heads, kv_heads, bits, group_size = variant
     key = mx.random.key(1234)
     kq, kk, kv = mx.random.split(key, 3)
-    kv_heads = 1
     queries = mx.random.normal((1, q_heads, 1, dim), key=kq).astype(q_dtype)
     n_keys = 40
     keys = mx.random.normal((1, kv_heads, n_keys, dim), key=kk).astype(kv_dtype)

@@ -1,16 +1,22 @@
 """Run-time selection between our Metal kernels and their pure-MLX references.
 
-`kernel_backend()` says how a kernel runs in this process:
+`kernel_backend()` says how kernels run in this process, decided once (at the first model
+built or kernel called) from `QWEN2_MLX_KERNELS` and whether Metal is available:
 
 * ``"metal"``: `mx.fast.metal_kernel` on the GPU (Metal available, unless forced off);
 * ``"emulator"``: the CPU emulator (`QWEN2_MLX_KERNELS=1` where Metal is missing); this is how
   tests run the kernel path on Linux;
 * ``"reference"``: the pure-MLX fallback (no Metal, or `QWEN2_MLX_KERNELS=0`).
 
-On first use of each kernel variant (its compile-time parameters) on a GPU, the kernel is
-checked against its reference on a small input. A kernel that fails to compile or disagrees
-is switched off for the rest of the process with one warning, so a bad kernel costs speed,
-never wrong text. The emulator backend skips the check: tests want a wrong kernel to fail.
+A bad value of the variable is a ValueError at that first use (`load()` reports it as one
+line). `set_kernel_backend` changes the decision later (tests, an app's settings).
+
+On first use of each kernel variant (its compile-time parameters and the head geometry it
+runs at, e.g. the query heads per KV head G) on a GPU, the kernel is checked against its
+reference on a small input of that geometry. A kernel that fails to compile or disagrees is
+switched off for the rest of the process with one warning, so a bad kernel costs speed, never
+wrong text. The emulator backend skips the check by default: tests want a wrong kernel to
+fail. `kernel_status()` lists every variant used so far, its check and whether it is on.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import mlx.core as mx
 
@@ -31,7 +38,9 @@ ENV_VAR = "QWEN2_MLX_KERNELS"
 SELF_CHECK_BACKENDS: set[str] = {"metal"}
 
 _lock = threading.RLock()
-_verified: set[tuple[str, Hashable]] = set()
+_backend: Backend | None = None  # decided once, at the first kernel_backend() call
+# (kernel name, variant) -> its self-check: "passed", "failed: ..." or "not run (...)".
+_variants: dict[tuple[str, Hashable], str] = {}
 _disabled: dict[str, str] = {}  # kernel name -> why
 
 
@@ -47,16 +56,52 @@ def metal_available() -> bool:
         return False
 
 
-def kernel_backend() -> Backend:
-    """How kernels run now: read from `QWEN2_MLX_KERNELS` (0/1, unset: auto) on every call."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+def resolve_backend(setting: str | None = None) -> Backend:
+    """The backend a `QWEN2_MLX_KERNELS` value selects here (None: read the variable).
+
+    "0"/"off" (also "false", "no"): the reference; "1"/"on" ("true", "yes"): Metal, or the
+    emulator without Metal; unset, "" or "auto": Metal when available, else the reference.
+    """
+    raw = os.environ.get(ENV_VAR, "") if setting is None else setting
+    value = raw.strip().lower()
     if value in ("", "auto"):
         return "metal" if metal_available() else "reference"
     if value in ("0", "false", "off", "no"):
         return "reference"
     if value in ("1", "true", "on", "yes"):
         return "metal" if metal_available() else "emulator"
-    raise ValueError(f"{ENV_VAR} must be 0, 1 or unset, got {os.environ[ENV_VAR]!r}")
+    raise ValueError(f"{ENV_VAR} must be 0, 1 or unset, got {raw!r}")
+
+
+def kernel_backend() -> Backend:
+    """How kernels run in this process: decided at the first call, then fixed (no environment
+    read or Metal query per dispatch). Raises ValueError for a bad `QWEN2_MLX_KERNELS`."""
+    global _backend
+    backend = _backend
+    if backend is None:
+        with _lock:
+            if _backend is None:
+                _backend = resolve_backend()
+            backend = _backend
+    return backend
+
+
+def set_kernel_backend(setting: str | None = None) -> Backend:
+    """Decide the backend again: from a `QWEN2_MLX_KERNELS`-style `setting` ("0", "1",
+    "auto"), a backend name ("reference", "emulator", "metal"), or None (re-read the
+    variable). Returns the backend now in force."""
+    global _backend
+    if setting in ("reference", "emulator"):
+        backend: Backend = setting
+    elif setting == "metal":
+        if not metal_available():
+            raise ValueError("the metal kernel backend needs Metal, which is not available here")
+        backend = "metal"
+    else:
+        backend = resolve_backend(setting)
+    with _lock:
+        _backend = backend
+    return backend
 
 
 def disabled_kernels() -> dict[str, str]:
@@ -72,33 +117,46 @@ def disable_kernel(name: str, reason: str = "disabled by the caller") -> None:
 
 
 def reset_kernel_state() -> None:
-    """Forget self-check results and disabled kernels (tests, or after a driver update)."""
+    """Forget the variants seen, their self-checks and disabled kernels (tests, or after a
+    driver update). The backend decision stays (see `set_kernel_backend`)."""
     with _lock:
-        _verified.clear()
+        _variants.clear()
         _disabled.clear()
 
 
 def select_backend(
     name: str, variant: Hashable, self_check: Callable[[Backend], None]
 ) -> Backend | None:
-    """The backend to run kernel `name` (compile-time `variant`) with, or None: use the reference.
+    """The backend to run kernel `name` (`variant`) with, or None: use the reference.
 
-    `self_check(backend)` runs the variant on a small input and raises if it disagrees with
-    the reference; it runs once per variant on the backends in SELF_CHECK_BACKENDS. Any
-    exception disables the kernel (all its variants) with one warning.
+    `variant` holds what the kernel is compiled for and the geometry it runs at (a
+    NamedTuple, whose fields `kernel_status` shows). `self_check(backend)` runs the variant
+    on a small input of that geometry and raises if it disagrees with the reference; it runs
+    once per variant on the backends in SELF_CHECK_BACKENDS. Any exception disables the
+    kernel (all its variants) with one warning. After the first call of a variant this is a
+    lookup, without the lock.
     """
     backend = kernel_backend()
     if backend == "reference":
         return None
+    key = (name, variant)
+    if key in _variants and name not in _disabled:
+        return backend
     with _lock:
         if name in _disabled:
+            _variants.setdefault(key, "not run (the kernel is disabled)")
             return None
-        if backend not in SELF_CHECK_BACKENDS or (name, variant) in _verified:
+        if key in _variants:
+            return backend
+        if backend not in SELF_CHECK_BACKENDS:
+            _variants[key] = f"not run (no self-check on the {backend} backend)"
             return backend
         try:
             self_check(backend)
         except Exception as exc:  # noqa: BLE001 - compile errors, mismatches, anything
-            _disabled[name] = f"{type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {exc}"
+            _variants[key] = f"failed: {reason}"
+            _disabled[name] = reason
             warnings.warn(
                 f"qwen2-mlx: the {name!r} Metal kernel failed its self-check for variant "
                 f"{variant!r} and is disabled; using the pure-MLX reference instead "
@@ -107,8 +165,61 @@ def select_backend(
                 stacklevel=3,
             )
             return None
-        _verified.add((name, variant))
+        _variants[key] = "passed"
         return backend
+
+
+@dataclass(frozen=True)
+class VariantStatus:
+    """One kernel variant this process has used: `shape` holds its parameters (dtypes,
+    head_dim, query and KV heads, the group G = query heads per KV head, bits...)."""
+
+    kernel: str
+    shape: dict[str, Any]
+    self_check: str  # "passed", "failed: <why>" or "not run (<why>)"
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """What `kernel_status()` reports; `str()` gives a few lines for a bug report."""
+
+    backend: Backend
+    variants: list[VariantStatus] = field(default_factory=list)
+    disabled: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"kernel backend: {self.backend}"]
+        if not self.variants:
+            lines.append("  no kernel variant used yet")
+        for v in self.variants:
+            shape = ", ".join(f"{k}={_plain(x)}" for k, x in v.shape.items())
+            state = "on" if v.enabled else "off"
+            lines.append(f"  {v.kernel} [{shape}]: self-check {v.self_check}; {state}")
+        return "\n".join(lines)
+
+
+def _plain(value: object) -> object:
+    return str(value).removeprefix("mlx.core.") if isinstance(value, mx.Dtype) else value
+
+
+def kernel_status() -> KernelStatus:
+    """The kernel backend, and every kernel variant used so far in this process with its
+    shape parameters (G included), whether its self-check ran and passed, and whether it is
+    enabled. Nothing is listed on the reference backend (no kernel runs)."""
+    backend = kernel_backend()
+    with _lock:
+        items = list(_variants.items())
+        disabled = dict(_disabled)
+    variants = []
+    for (name, variant), check in items:
+        asdict = getattr(variant, "_asdict", None)
+        shape = {k: _plain(v) for k, v in asdict().items()} if asdict else {"variant": variant}
+        if "q_heads" in shape and "kv_heads" in shape:
+            shape["group"] = shape["q_heads"] // max(shape["kv_heads"], 1)
+        variants.append(VariantStatus(name, shape, check,
+                                      name not in disabled and not check.startswith("failed")))
+    return KernelStatus(backend, variants, disabled)
 
 
 def check_close(name: str, got: mx.array, expected: mx.array, tolerance: float) -> None:

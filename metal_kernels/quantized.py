@@ -10,6 +10,8 @@ going through the dispatch; `use_kernel_linears(model)` swaps them into any modu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
@@ -30,6 +32,15 @@ QuantizedWeight = tuple[mx.array, mx.array, mx.array]
 
 MATVEC_KERNEL = "quantized_matvec"
 SWIGLU_KERNEL = "quantized_swiglu"
+
+
+class MatvecVariant(NamedTuple):
+    """What a matvec kernel is compiled for: the dtype of x, bits, group size, rows of x."""
+
+    dtype: mx.Dtype
+    bits: int
+    group_size: int
+    rows: int
 
 
 def qmv_fast_takes(in_features: int, out_features: int, bits: int) -> bool:
@@ -66,8 +77,7 @@ def quantized_matmul(
     """
     if _kernel_wanted(x, w, scales, biases, group_size=group_size, bits=bits,
                       transpose=transpose):
-        rows = x.size // x.shape[-1]
-        variant = (x.dtype, bits, group_size, rows)
+        variant = MatvecVariant(x.dtype, bits, group_size, x.size // x.shape[-1])
         backend = select_backend(MATVEC_KERNEL, variant,
                                  lambda b: _self_check_matvec(b, variant))
         if backend is not None:
@@ -95,8 +105,7 @@ def quantized_swiglu(
         _kernel_wanted(x, g_w, g_s, g_b, group_size=group_size, bits=bits, transpose=True)
         for g_w, g_s, g_b in (gate, up)
     ):
-        rows = x.size // x.shape[-1]
-        variant = (x.dtype, bits, group_size, rows)
+        variant = MatvecVariant(x.dtype, bits, group_size, x.size // x.shape[-1])
         backend = select_backend(SWIGLU_KERNEL, variant,
                                  lambda b: _self_check_swiglu(b, variant))
         if backend is not None:

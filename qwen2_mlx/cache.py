@@ -9,15 +9,39 @@ grow in blocks of at least `step` positions and at least 1/8 of what they hold, 
 `QuantizedKVCache` stores keys and values with MLX's 8-bit affine quantization (about half
 the bytes of bfloat16), and hands attention dequantized copies of one layer at a time.
 
+A cache is also the attention's entry point: `cache.attend(q, k, v, scale=, mask=)` appends the
+new keys and values and attends over everything held, reading them as they are stored (float,
+or 8/4-bit through the quantized attention), and `attend_dual_chunk` does the same for Dual
+Chunk Attention; `NO_CACHE` stands for "no cache" (training, a plain forward pass). So the
+model's attention never asks which kind of cache it has.
+
 A cache remembers the attention `mode` that wrote it ("standard" or "dca"): DCA stores keys
 already rotated at chunk-relative positions, so a cache cannot change mode mid-sequence.
+
+`ModelCache` is what `Model.make_cache()` returns: the list of a model's per-layer caches, plus
+the token ids whose keys and values they hold (`tokens`), trimmed together (`trim`). The
+repetition penalty, and prompt caches and chat sessions, read what a cache holds from it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
+
+from qwen2_mlx.metal_kernels.attention import (
+    quantized_scaled_dot_product_attention,
+    scaled_dot_product_attention,
+)
+from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+    dual_chunk_attention,
+    quantized_dual_chunk_attention,
+)
+
+Mask = mx.array | str | None
 
 
 class KVCache:
@@ -87,6 +111,30 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+               mask: Mask = None) -> mx.array:
+        """Append `keys`/`values` (B, H_kv, L, D) and attend `queries` (B, H, L, D) over all
+        the cached positions (`mask` as `scaled_dot_product_attention` takes it)."""
+        self._check_mode("standard")
+        keys, values = self.update_and_fetch(keys, values)
+        return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def attend_dual_chunk(self, queries: mx.array, keys: mx.array, values: mx.array,
+                          **dca) -> mx.array:
+        """Append DCA keys (already rotated and scaled) and values, and run Dual Chunk
+        Attention of `queries` over the cache (`dca`: the geometry, rotation and scales)."""
+        self._check_mode("dca")
+        q_start = self.offset
+        keys, values = self.update_and_fetch(keys, values)
+        return dual_chunk_attention(queries, keys, values, q_start=q_start, **dca)
+
+    def _check_mode(self, mode: str) -> None:
+        if self.mode != mode:
+            raise ValueError(
+                f"this KV cache was written in {self.mode!r} attention mode but the model "
+                f"runs {mode!r}: the mode is fixed per sequence, start a new cache"
+            )
+
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (e.g. rejected draft tokens); returns how many went."""
         n = min(max(n, 0), self.offset)
@@ -119,6 +167,24 @@ class QuantizedKVCache(KVCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = self._append(keys, values)
         return self._dequantize(self.keys, n), self._dequantize(self.values, n)
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+               mask: Mask = None) -> mx.array:
+        # The attention reads the 8/4-bit cache as stored (a kernel does on Metal).
+        self._check_mode("standard")
+        keys, values = self.update_and_fetch_quantized(keys, values)
+        return quantized_scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask, group_size=self.group_size,
+            bits=self.bits)
+
+    def attend_dual_chunk(self, queries: mx.array, keys: mx.array, values: mx.array,
+                          **dca) -> mx.array:
+        # Decode reads the quantized cache as stored (a kernel does on Metal).
+        self._check_mode("dca")
+        q_start = self.offset
+        keys, values = self.update_and_fetch_quantized(keys, values)
+        return quantized_dual_chunk_attention(queries, keys, values, q_start=q_start,
+                                              group_size=self.group_size, bits=self.bits, **dca)
 
     def update_and_fetch_quantized(
         self, keys: mx.array, values: mx.array
@@ -181,6 +247,104 @@ class QuantizedKVCache(KVCache):
         return sum(a.nbytes for part in state for a in part) if state else 0
 
 
+class NoCache:
+    """The cache of a forward pass that keeps nothing (training, a plain `model(ids)`):
+    position 0, and attention over just the keys and values given."""
+
+    offset = 0
+    prompt_length = 0
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+               mask: Mask = None) -> mx.array:
+        return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def attend_dual_chunk(self, queries: mx.array, keys: mx.array, values: mx.array,
+                          **dca) -> mx.array:
+        return dual_chunk_attention(queries, keys, values, q_start=0, **dca)
+
+
+NO_CACHE = NoCache()
+
+UNKNOWN_TOKEN = -1
+
+
+class ModelCache(list):
+    """The KV caches of a model, one per layer (it is a list of them), and the ids they hold.
+
+    `tokens` is the list of token ids whose keys and values the layers hold, oldest first;
+    ``len(cache.tokens) == cache.offset`` always. A position whose id is not known (a plain
+    list of layer caches wrapped by `ModelCache.wrap`, a cache file written before ids were
+    saved, or a batch of several rows) holds `UNKNOWN_TOKEN` (-1), which matches no real id.
+
+    The model's forward pass records the ids it writes (`add_tokens`); as lazy arrays, so a
+    decode step never waits for its input token: they are read into the list when `tokens`
+    is. Trim through `trim`, which trims every layer and the ids together (trimming a layer
+    directly is also tolerated: `tokens` follows the layers' offset).
+    """
+
+    def __init__(self, layers: Iterable[KVCache] = (), tokens: Sequence[int] | None = None):
+        super().__init__(layers)
+        offset = self.offset
+        if tokens is None:
+            tokens = [UNKNOWN_TOKEN] * offset
+        elif len(tokens) != offset:
+            raise ValueError(f"{len(tokens)} token ids for a cache holding {offset} positions")
+        self._tokens: list[int] = [int(t) for t in tokens]
+        self._pending: list[mx.array] = []
+
+    @classmethod
+    def wrap(cls, caches: Sequence[KVCache]) -> ModelCache:
+        """`caches` itself if it is a ModelCache, else a ModelCache over the same layer caches
+        (their ids unknown)."""
+        return caches if isinstance(caches, ModelCache) else cls(caches)
+
+    @property
+    def offset(self) -> int:
+        """Positions held (every layer holds the same number)."""
+        return self[0].offset if len(self) else 0
+
+    def add_tokens(self, ids: mx.array | Sequence[int]) -> None:
+        """Record the ids of positions just written to the layers, (L,) or (1, L).
+
+        An array is kept as is and read when `tokens` is next accessed (no sync here).
+        A batch of several rows records unknown ids: one list cannot say which row is which.
+        """
+        if isinstance(ids, mx.array):
+            if ids.ndim == 2 and ids.shape[0] != 1:
+                self._tokens.extend([UNKNOWN_TOKEN] * ids.shape[1])
+            else:
+                self._pending.append(ids.reshape(-1))
+        else:
+            self._tokens.extend(int(t) for t in ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The ids of the positions the layers hold (-1 where unknown)."""
+        if self._pending:
+            pending = self._pending
+            self._pending = []
+            flat = pending[0] if len(pending) == 1 else mx.concatenate(pending)
+            self._tokens.extend(np.array(flat).astype(np.int64).tolist())
+        offset = self.offset
+        if len(self._tokens) > offset:  # layers trimmed directly: the ids follow
+            del self._tokens[offset:]
+        elif len(self._tokens) < offset:  # layers written past the model's forward pass
+            self._tokens.extend([UNKNOWN_TOKEN] * (offset - len(self._tokens)))
+        return self._tokens
+
+    @property
+    def tokens_known(self) -> bool:
+        """Whether every held position's id is known."""
+        return UNKNOWN_TOKEN not in self.tokens
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions of every layer and their ids; returns how many went."""
+        tokens = self.tokens
+        trimmed = min((layer.trim(n) for layer in self), default=0)
+        del tokens[len(tokens) - trimmed:]
+        return trimmed
+
+
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
                              bits: int = 16, group_size: int = 64) -> float:
     """Bytes one token adds to the KV cache (keys and values, every layer).
@@ -195,10 +359,15 @@ def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
 
 
 def save_cache(
-    path: str | Path, caches: list[KVCache], metadata: dict[str, str] | None = None
+    path: str | Path, caches: Sequence[KVCache], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write per-layer cache states to a safetensors file (atomically)."""
-    arrays: dict[str, mx.array] = {}
+    """Write per-layer cache states and the ids they hold to a safetensors file (atomically).
+
+    Any file name works (the format does not depend on the suffix); a plain list of layer
+    caches is saved with unknown ids.
+    """
+    caches = ModelCache.wrap(caches)
+    arrays: dict[str, mx.array] = {"tokens": mx.array(np.array(caches.tokens, dtype=np.int32))}
     kinds = []
     for i, cache in enumerate(caches):
         kinds.append(f"{type(cache).__name__}:{cache.mode}:{getattr(cache, 'bits', 16)}:"
@@ -216,14 +385,26 @@ def save_cache(
     meta["num_layers"] = str(len(caches))
     meta["cache_kinds"] = ",".join(kinds)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=meta)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")  # MLX adds the suffix
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_cache(path: str | Path) -> tuple[list[KVCache], dict[str, str]]:
-    """Read caches written by `save_cache`; returns (caches, user metadata)."""
-    arrays, meta = mx.load(str(path), return_metadata=True)
+def load_cache(path: str | Path) -> tuple[ModelCache, dict[str, str]]:
+    """Read a cache written by `save_cache` (any file name); returns (cache, user metadata).
+
+    Files written before the ids were saved load with unknown ids.
+    """
+    try:
+        arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError for missing or damaged files
+        raise ValueError(f"cannot read the cache file {path}: {e}") from e
+    if "num_layers" not in meta or "cache_kinds" not in meta:
+        raise ValueError(f"{path} is not a cache written by save_cache")
     num_layers = int(meta.pop("num_layers"))
     kinds = meta.pop("cache_kinds").split(",")
     caches: list[KVCache] = []
@@ -239,4 +420,5 @@ def load_cache(path: str | Path) -> tuple[list[KVCache], dict[str, str]]:
             if f"{i}.keys" in arrays:
                 cache.state = (arrays[f"{i}.keys"], arrays[f"{i}.values"])
         caches.append(cache)
-    return caches, meta
+    tokens = arrays.get("tokens")
+    return ModelCache(caches, None if tokens is None else np.array(tokens).tolist()), meta

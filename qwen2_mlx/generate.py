@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from qwen2_mlx.cache import KVCache
+from qwen2_mlx.cache import UNKNOWN_TOKEN, KVCache, ModelCache
+from qwen2_mlx.errors import HintedError
 from qwen2_mlx.output_parser import OutputParser
 from qwen2_mlx.sampling import (
     SamplingParams,
@@ -17,8 +21,15 @@ from qwen2_mlx.sampling import (
     make_sampler,
 )
 from qwen2_mlx.tools import ToolCall
+from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict]
+# Called after each prefill step with (prompt tokens done, prompt tokens in all).
+PromptProgress = Callable[[int, int], None]
+
+
+class ContextLengthError(HintedError):
+    """A prompt (with what the cache holds) longer than the model's context."""
 
 
 @dataclass
@@ -29,13 +40,15 @@ class GenerationResponse:
     a possible stop string or possible markup is held back) and `reasoning` the newly printable
     reasoning (text inside ``<think>...</think>``). The last response has `finish_reason` set to
     "stop" (EOS or a stop string), "tool_calls" (it stopped after calling tools) or "length"
-    (max_tokens or the context end), and carries the whole answer (`full_text`), the whole
-    reasoning (`reasoning_text`), the parsed `tool_calls` (when tools were given) and whether
-    some tool-call markup was malformed and passed on as text (`malformed_tool_call`).
+    (max_tokens or the context end) or "cancelled" (the `cancel` event was set), and carries
+    the whole answer (`full_text`), the whole reasoning (`reasoning_text`), the parsed
+    `tool_calls` (when tools were given) and whether some tool-call markup was malformed and
+    passed on as text (`malformed_tool_call`). A cancelled stream ends with a response that
+    carries no new token (`token` None, `logprob` NaN): the text held back until then, if any.
     """
 
     text: str
-    token: int
+    token: int | None
     logprob: float
     prompt_tokens: int
     prompt_tps: float
@@ -51,25 +64,48 @@ class GenerationResponse:
 
 
 def generate_step(
-    prompt: mx.array,
+    prompt: mx.array | Sequence[int],
     model,
     *,
     sampling: SamplingParams,
     cache: list[KVCache] | None = None,
     max_tokens: int = 256,
     prefill_step_size: int = 512,
+    cancel=None,
+    prompt_progress: PromptProgress | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs)` for up to `max_tokens` new tokens after `prompt` (1-D ids).
 
     The prompt is prefilled in steps of `prefill_step_size` tokens so no step builds an
     attention matrix larger than step x length. Decoding queues step t+1 with
     `mx.async_eval` before it hands out token t, so graph building overlaps compute.
+
+    `cancel` (a `threading.Event`, or anything with `is_set()`) is checked before each prefill
+    step and before each token after the first: once it is set, the generator returns (after
+    at most the token being computed). `prompt_progress(done, total)` is called after each
+    prefill step and once more, with done == total, when the first token is ready.
+
+    `cache` (a `ModelCache` from `model.make_cache()`, or a plain list of layer caches) is
+    continued; the repetition penalty sees the ids it already holds (`cache.tokens`) before
+    the prompt. The prompt ids are checked (TokenIdError) before anything is written.
+
+    Cache invariant: whenever this generator is suspended at a yield, and once it has
+    finished or been closed (whatever the reason: `max_tokens`, the consumer stopping at
+    EOS or a stop string, `close()` after any number of tokens, an exception), every layer
+    of the cache holds exactly the positions it held before, plus the prompt, plus every
+    token yielded so far, and `cache.tokens` lists those ids. (An exception or a cancel before
+    the first token leaves the cache as it was.) Nothing in the cache is left lazy, so another
+    thread may read or continue it (MLX cannot evaluate arrays another thread recorded).
     """
+    check_cancel(cancel)
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-    if prompt.size == 0:
+    prompt_ids = check_token_ids(prompt, model.config.vocab_size)
+    if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
-    cache = cache if cache is not None else model.make_cache()
+    prompt = mx.array(prompt_ids, dtype=mx.uint32)
+    cache = ModelCache.wrap(cache) if cache is not None else model.make_cache()
+    start = cache.offset
     for layer_cache in cache:
         # DCA takes its length temperature from the whole prompt, even when prefilled in
         # steps; and one allocation for prompt + (most of the) output suffices.
@@ -78,11 +114,23 @@ def generate_step(
         layer_cache.reserve(total + min(max_tokens, 1024))
     sampler = make_sampler(sampling)
     processors = make_logits_processors(sampling)
-    history = prompt.astype(mx.int32)
+    history = None
+    if processors:
+        earlier = cache.tokens
+        window = earlier[len(earlier) - sampling.repetition_context_size:]
+        if UNKNOWN_TOKEN in window:
+            warnings.warn(
+                "the cache's token ids are unknown (a plain list of layer caches, or a cache "
+                "file without them): the repetition penalty sees only the tokens of this "
+                "call. Use model.make_cache() (a ModelCache) to carry them.",
+                RuntimeWarning, stacklevel=2)
+        # The processors read only the last repetition_context_size ids of the history.
+        history = mx.array(window + prompt_ids, dtype=mx.int32)
+    forward = getattr(model, "forward", model)  # ids were checked above
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
-        logits = model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
+        logits = forward(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)
         if processors:
             logits = apply_logits_processors(processors, history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -91,41 +139,133 @@ def generate_step(
             history = mx.concatenate([history, token.astype(mx.int32)])
         return token, logprobs[0]
 
-    # Prefill all but the last prompt token; that one produces the first logits.
-    while prompt.size > 1:
-        n = min(prefill_step_size, prompt.size - 1)
-        model(prompt[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
-        mx.clear_cache()
+    yielded = 0
+    total = len(prompt_ids)
+    try:
+        # Prefill all but the last prompt token; that one produces the first logits.
+        if not prefill(model, cache, prompt[:-1], step_size=prefill_step_size, cancel=cancel,
+                       progress=prompt_progress, total=total) or _is_set(cancel):
+            return
+        token, logprobs = step(prompt[-1:])
+        mx.async_eval(token, logprobs)
+        while yielded < max_tokens:
+            if yielded and _is_set(cancel):
+                return
+            if yielded + 1 < max_tokens:
+                # Writes `token`'s keys and values and samples the next one.
+                next_token, next_logprobs = step(token)
+                mx.async_eval(next_token, next_logprobs)
+            else:
+                # The last token: only its keys and values (the invariant), no logits.
+                _write_tokens(model, cache, token)
+            value = token.item()
+            if not yielded and prompt_progress is not None:
+                prompt_progress(total, total)
+            yielded += 1
+            yield value, logprobs
+            if yielded % 256 == 0:
+                mx.clear_cache()
+            if yielded < max_tokens:
+                token, logprobs = next_token, next_logprobs
+    finally:
+        failure = sys.exc_info()[1]
+        # Normally a no-op; after an exception mid-step, undo that step's partial writes.
+        _settle(cache, start + len(prompt_ids) + yielded if yielded else start)
+        try:
+            _materialize(cache)
+        except Exception:
+            if failure is None or isinstance(failure, GeneratorExit):
+                raise  # else the step's own exception is the one to report
 
-    token, logprobs = step(prompt)
-    mx.async_eval(token, logprobs)
-    n = 0
-    while n < max_tokens:
-        if n + 1 < max_tokens:
-            next_token, next_logprobs = step(token)
-            mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs
-        n += 1
-        if n % 256 == 0:
+
+def prefill(model, cache: ModelCache, ids: mx.array, *, step_size: int = 512, cancel=None,
+            progress: PromptProgress | None = None, total: int | None = None) -> bool:
+    """Write the keys and values of `ids` (1-D, already checked) into `cache`, `step_size`
+    tokens per forward pass, without computing logits.
+
+    Before each step it stops if `cancel.is_set()` (returns False; the steps done so far stay
+    in the cache); after each it calls `progress(done, total)` (`total` defaults to the
+    length of `ids`). Returns True when every id is in the cache. Nothing is left lazy (see
+    `generate_step`).
+    """
+    forward = getattr(model, "forward", model)  # the ids were checked by the caller
+    total = ids.size if total is None else total
+    done = 0
+    try:
+        while done < ids.size:
+            if _is_set(cancel):
+                return False
+            n = min(step_size, ids.size - done)
+            forward(ids[done:done + n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += n
             mx.clear_cache()
-        if n < max_tokens:
-            token, logprobs = next_token, next_logprobs
+            if progress is not None:
+                progress(done, total)
+        return True
+    finally:
+        _ = cache.tokens  # the ids of the steps, read on this thread
 
 
-def encode_prompt(tokenizer, prompt: Prompt, tools: Sequence[dict] | None = None) -> list[int]:
+def check_cancel(cancel) -> None:
+    """Raise TypeError unless `cancel` is None or has an `is_set()` method (an Event)."""
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel must be a threading.Event (or have is_set()), got "
+                        f"{type(cancel).__name__}")
+
+
+def _is_set(cancel) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
+def _materialize(cache: ModelCache) -> None:
+    """Evaluate the cache's arrays and read its ids now, on the generating thread."""
+    mx.eval([c.state for c in cache])
+    _ = cache.tokens
+
+
+def _write_tokens(model, cache: ModelCache, tokens: mx.array) -> None:
+    """Append `tokens`' keys and values to `cache` without computing logits (queued)."""
+    inner = getattr(model, "model", None)
+    if inner is None:
+        model.forward(tokens[None], cache=cache)
+    else:
+        inner(tokens[None], cache)
+        cache.add_tokens(tokens)
+    mx.async_eval([c.state for c in cache])
+
+
+def _settle(cache: ModelCache, offset: int) -> None:
+    """Trim every layer of `cache` back to `offset` positions (ids follow)."""
+    for layer_cache in cache:
+        if layer_cache.offset > offset:
+            layer_cache.trim(layer_cache.offset - offset)
+
+
+def encode_prompt(tokenizer, prompt: Prompt, vocab_size: int | None = None,
+                  tools: Sequence[dict] | None = None) -> list[int]:
     """Token ids of a prompt given as text, ids or chat messages (templated for generation,
-    with `tools` shown to the model)."""
+    with `tools` shown to the model).
+
+    A string is encoded as it is (no chat template); chat messages get the template with the
+    generation prompt. Given ids are checked against `vocab_size` (when given): a
+    TokenIdError (a ValueError) names the first bad one.
+    """
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
-    items = list(prompt)
-    if items and all(isinstance(m, dict) for m in items):
-        return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True,
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise TokenIdError(f"the prompt is {type(prompt).__name__}, not text or token ids: "
+                           "decode it to str first (e.g. prompt.decode('utf-8'))")
+    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        return tokenizer.apply_chat_template(list(prompt), tools=tools, add_generation_prompt=True,
                                              tokenize=True)
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-        return items
-    raise TypeError("prompt must be a string, a list of token ids or a list of chat messages")
+    try:
+        return check_token_ids(prompt, vocab_size if vocab_size is not None else 2**63)
+    except TokenIdError as e:
+        if e.out_of_range:
+            raise
+        raise TokenIdError("prompt must be a string, a list of token ids or a list of chat "
+                           f"messages: {e}") from None
 
 
 def _stop_hold_back(text: str, stops: Sequence[str]) -> int:
@@ -157,6 +297,8 @@ def stream_generate(
     cache: list[KVCache] | None = None,
     kv_bits: int | None = None,
     tools: Sequence[dict] | None = None,
+    cancel=None,
+    prompt_progress: PromptProgress | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -168,18 +310,38 @@ def stream_generate(
             sampling controls, see `qwen2_mlx.sampling.SamplingParams` (temperature 0 is greedy).
         stop: strings that end generation; the stop string itself is not returned.
         prefill_step_size: prompt tokens processed per forward pass.
-        cache: per-layer caches to continue from (e.g. a saved prompt cache).
+        cache: a `ModelCache` to continue from (`model.make_cache()`, a saved prompt cache
+            from `load_cache`); a plain list of layer caches also works, but the repetition
+            penalty then sees only this call's tokens.
         kv_bits: store a new KV cache quantized to this many bits (8 halves its memory).
         tools: OpenAI function schemas. A chat prompt shows them to the model (through its
             template); with any prompt, the tool calls the model writes are parsed out of
             `text` into the last response's `tool_calls` (finish_reason "tool_calls").
+        cancel: a `threading.Event` (or anything with `is_set()`), checked before each prefill
+            step and each token: once set (from any thread), the stream ends within one token
+            or prefill step with finish_reason "cancelled". Cancelled during the prefill, the
+            cache is left as it was.
+        prompt_progress: called as `prompt_progress(done, total)` after each prefill step
+            (a progress bar for a long prompt).
+
+    A string prompt is used as it is: no chat template is applied (the CLI's `--chat`, its
+    default, templates the prompt; pass chat messages here for the same):
+
+        stream_generate(model, tok, "Once upon a time")                    # raw text
+        stream_generate(model, tok, [{"role": "user", "content": "Hi"}])   # chat template
 
     Reasoning (``<think>...</think>``, also when the prompt opened the ``<think>``) streams in
     `reasoning`, apart from `text`. Generation stops at any of `tokenizer.eos_token_ids` (not
     printed), a stop string, `max_tokens`, or the model's context length.
+
+    Cache invariant (as `generate_step`): when this generator finishes or is closed, for any
+    reason (a stop, `max_tokens`, the consumer breaking out of its loop or calling `close()`,
+    an exception), every layer of `cache` holds exactly what it held before, plus the prompt,
+    plus every token yielded (the EOS token included), and `cache.tokens` lists those ids.
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    check_cancel(cancel)
     sampling = SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty,
@@ -189,14 +351,19 @@ def stream_generate(
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError("stop strings must be non-empty strings")
 
-    ids = encode_prompt(tokenizer, prompt, tools)
-    cached = cache[0].offset if cache else 0
+    ids = encode_prompt(tokenizer, prompt, model.config.vocab_size, tools)
+    if cache is not None:
+        cache = ModelCache.wrap(cache)
+    cached = cache.offset if cache is not None else 0
     context = model.config.context_length
     if cached + len(ids) > context:
-        raise ValueError(
-            f"the prompt has {cached + len(ids)} tokens but the model's context is "
-            f"{context} tokens; shorten the prompt"
-        )
+        problem = (f"the prompt has {cached + len(ids)} tokens but the model's context is "
+                   f"{context} tokens; shorten the prompt")
+        if model.config.long_context.mode != "standard":
+            raise ContextLengthError(problem)
+        raise ContextLengthError(
+            problem, " or load the model with dca=True or yarn_factor=4 for a longer context",
+            " or extend the context with --dca or --yarn-factor 4")
     max_tokens = min(max_tokens, context - cached - len(ids))
     if max_tokens < 1:
         raise ValueError(
@@ -206,19 +373,57 @@ def stream_generate(
         cache = model.make_cache(kv_bits=kv_bits)
     elif kv_bits is not None:
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
+    # The end of what the model reads before its output (a cached prompt counts): a prompt
+    # that opened <think> starts the output in reasoning.
+    tail = [t for t in cache.tokens[-8:] if t != UNKNOWN_TOKEN] + ids[-8:]
+    steps = generate_step(ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
+                          prefill_step_size=prefill_step_size, cancel=cancel,
+                          prompt_progress=prompt_progress)
+    try:
+        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, tail)
+    finally:
+        steps.close()  # settles the cache now, not whenever the generator is collected
+
+
+def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: int,
+               tools: Sequence[dict] | None, tail: list[int]) -> Iterator[GenerationResponse]:
+    """The GenerationResponses of `steps` (generate_step's tokens): text, stops, speeds.
+    `tail` is the end of what the model read before its output (cached tokens included)."""
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
-    parser = OutputParser.for_prompt(tokenizer, ids, tools)
+    parser = OutputParser.for_prompt(tokenizer, tail, tools)
 
     tic = time.perf_counter()
     prompt_tps = 0.0
     pending = ""  # decoded text not yet handed out (may begin a stop string)
+
+    def respond(text: str, token: int | None, logprob: float, n: int,
+                finish: str | None) -> GenerationResponse:
+        parsed = parser.feed(text)
+        final = {}
+        if finish is not None:
+            parsed = parsed + parser.finish()
+            if finish == "stop" and parser.tool_calls:
+                finish = "tool_calls"
+            final = dict(tool_calls=list(parser.tool_calls), full_text=parser.text,
+                         reasoning_text=parser.reasoning, malformed_tool_call=parser.malformed)
+        elapsed = time.perf_counter() - tic
+        return GenerationResponse(
+            text=parsed.text,
+            reasoning=parsed.reasoning,
+            token=token,
+            logprob=logprob,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            **final,
+        )
+
     n = 0
-    for n, (token, logprobs) in enumerate(
-        generate_step(mx.array(ids, dtype=mx.uint32), model, sampling=sampling, cache=cache,
-                      max_tokens=max_tokens, prefill_step_size=prefill_step_size),
-        start=1,
-    ):
+    for n, (token, logprobs) in enumerate(steps, start=1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
             prompt_tps = len(ids) / prompt_time
@@ -241,30 +446,12 @@ def stream_generate(
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        parsed = parser.feed(text)
-        final = {}
-        if finish is not None:
-            parsed = parsed + parser.finish()
-            if finish == "stop" and parser.tool_calls:
-                finish = "tool_calls"
-            final = dict(tool_calls=list(parser.tool_calls), full_text=parser.text,
-                         reasoning_text=parser.reasoning, malformed_tool_call=parser.malformed)
-        elapsed = time.perf_counter() - tic
-        yield GenerationResponse(
-            text=parsed.text,
-            reasoning=parsed.reasoning,
-            token=token,
-            logprob=logprobs[token].item(),
-            prompt_tokens=len(ids),
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=finish,
-            **final,
-        )
+        yield respond(text, token, logprobs[token].item(), n, finish)
         if finish is not None:
             return
+    # The steps ended before a finish: `cancel` was set (generate_step checks it before each
+    # prefill step and each token), so the last response carries no new token.
+    yield respond(pending + detokenizer.finalize(), None, math.nan, n, "cancelled")
 
 
 class GenerationResult(str):

@@ -61,6 +61,14 @@ def _byte_decoder() -> dict[str, int]:
 _BYTE_DECODER = _byte_decoder()
 
 
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -258,7 +266,15 @@ class Qwen2Tokenizer:
         matched as single added tokens. Qwen2 has no BOS, so nothing is prepended."""
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            # tokenizers refuses lone surrogates (Python's stand-ins for undecodable bytes).
+            if not _is_valid_unicode(text):
+                raise ValueError(
+                    "the text is not valid Unicode: it holds bytes that are not UTF-8 (decode "
+                    "them with errors='replace' first)") from None
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Invalid UTF-8 byte sequences decode to U+FFFD (errors="replace");

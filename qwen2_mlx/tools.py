@@ -1,11 +1,12 @@
-"""Tool calls in generated text: the markup each model writes, and parsing it.
+"""Tool calls in generated text: the markup each model writes and the calls it stands for
+(`qwen2_mlx.output_parser` finds them in the text).
 
 Qwen2.5 and QwQ write each call as
 ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` (the format their chat
 template asks for); DeepSeek-R1's template uses its own markers, a
 ``<｜tool▁calls▁begin｜>`` list of ``type<｜tool▁sep｜>name`` + a ```json block each.
 
-    >>> from qwen2_mlx.tools import parse_tool_calls
+    >>> from qwen2_mlx.output_parser import parse_tool_calls
     >>> text = '<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>'
     >>> parsed = parse_tool_calls(text)
     >>> parsed.tool_calls[0].name, parsed.tool_calls[0].arguments
@@ -118,33 +119,3 @@ TOOL_CALL_FORMATS = {
     "qwen": ToolCallFormat("qwen", "<tool_call>", "</tool_call>"),
     "deepseek": ToolCallFormat("deepseek", DS_CALLS_BEGIN, DS_CALLS_END),
 }
-
-
-@dataclass
-class ParsedToolCalls:
-    """Generated text split into the answer text and the tool calls.
-
-    `text` is everything outside well-formed tool-call markup (malformed blocks are left in it
-    verbatim); `malformed` says whether there was such a block.
-    """
-
-    text: str
-    tool_calls: list[ToolCall]
-    malformed: bool = False
-
-
-def parse_tool_calls(text: str, format: str = "qwen") -> ParsedToolCalls:
-    """Find the tool calls in a model's complete output `text`.
-
-    `format` is "qwen" (Qwen2.5, QwQ, and most qwen2 fine-tunes) or "deepseek". Whitespace
-    between and after calls is part of the markup; text before and between them is kept.
-    """
-    from qwen2_mlx.output_parser import OutputParser  # the streaming parser does the work
-
-    if format not in TOOL_CALL_FORMATS:
-        raise ValueError(f"unknown tool-call format {format!r}; known: "
-                         f"{', '.join(TOOL_CALL_FORMATS)}")
-    parser = OutputParser(tool_format=TOOL_CALL_FORMATS[format], detect_reasoning=False)
-    parser.feed(text)
-    parser.finish()
-    return ParsedToolCalls(parser.text, parser.tool_calls, parser.malformed)

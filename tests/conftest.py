@@ -168,3 +168,15 @@ def qwq_tokenizer(tmp_path_factory):
 def tiny_vocab_model():
     """A tiny random model with Qwen2's full vocabulary size, for scripted outputs."""
     return tiny_model_with_qwen_vocab()
+
+
+@pytest.fixture
+def use_kernels():
+    """Set the process's kernel backend for one test, restored afterwards: call it with a
+    QWEN2_MLX_KERNELS value ("1": kernels on, Metal or the emulator; "0": the reference).
+    The backend is decided once per process, so setting the variable mid-run does nothing."""
+    from qwen2_mlx.metal_kernels import dispatch
+
+    previous = dispatch.kernel_backend()
+    yield dispatch.set_kernel_backend
+    dispatch.set_kernel_backend(previous)

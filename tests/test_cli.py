@@ -137,3 +137,46 @@ def test_bad_tools_file_is_one_clear_line(runner, tmp_path, tiny_checkpoint, con
     assert result.stderr.strip().count("\n") == 0
     import re
     assert re.search(match, result.stderr)
+
+
+@pytest.mark.parametrize("source", ["stdin", "argv"])
+def test_prompt_that_is_not_utf8_is_replaced_with_a_warning(runner, tiny_checkpoint, source):
+    args = ["generate", "-m", str(tiny_checkpoint), "--no-chat", "--max-tokens", "3",
+            "--temp", "0", "--repetition-penalty", "1.0"]
+    if source == "stdin":
+        result = runner.invoke(cli, args + ["--prompt", "-"], input=b"caf\xe9 au lait")
+    else:  # what Python makes of an argv byte that is not UTF-8: a lone surrogate
+        result = runner.invoke(cli, args + ["--prompt", b"caf\xe9 au lait".decode(
+            "utf-8", "surrogateescape")])
+    assert result.exit_code == 0, result.output
+    where = "stdin" if source == "stdin" else "--prompt"
+    assert (f"Warning: the prompt from {where} is not valid UTF-8 (byte 3); invalid bytes "
+            "were replaced with U+FFFD") in result.stderr
+    replaced = runner.invoke(cli, args + ["--prompt", "caf\ufffd au lait"])
+    assert result.stdout == replaced.stdout
+
+
+def test_text_with_lone_surrogates_is_a_value_error_in_the_api(tiny_checkpoint):
+    model, tokenizer = load(tiny_checkpoint)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        generate(model, tokenizer, "caf\udce9", max_tokens=2)
+
+
+def test_context_errors_and_cuts_are_said(runner, checkpoint_factory):
+    small = checkpoint_factory(max_position_embeddings=32)
+    args = ["generate", "-m", str(small), "--no-chat", "--temp", "0", "--repetition-penalty",
+            "1.0"]
+    long_prompt = " ".join(["word"] * 40)
+    result = runner.invoke(cli, args + ["--prompt", long_prompt])
+    assert result.exit_code == 1
+    assert "but the model's context is 32 tokens; shorten the prompt or extend the context " \
+           "with --dca or --yarn-factor 4" in result.stderr
+    assert "dca=True" not in result.stderr
+    model, tokenizer = load(small)
+    fits = tokenizer.decode(tokenizer.encode(long_prompt)[:29])
+    result = runner.invoke(cli, args + ["--prompt", fits, "--max-tokens", "20", "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert ("Generation stopped at the end of the model's context (32 tokens), before "
+            "--max-tokens 20") in result.stderr
+    quiet = runner.invoke(cli, args + ["--prompt", fits, "--max-tokens", "2", "--verbose"])
+    assert "Generation stopped" not in quiet.stderr

@@ -634,16 +634,45 @@ def test_disk_full_mid_write_removes_partial_output(sharded_source, tmp_path, mo
 
 def test_existing_output_needs_force(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep me")
+    convert(tiny_checkpoint, out, log=None)
+    (out / "old.txt").write_text("left from the old model")
     result = run_cli("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out))
-    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: output {out} already exists; add --force to replace it"
     assert (out / "old.txt").is_file()
 
     result = run_cli("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), "--force")
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("kind", ["user files", "a file"])
+def test_force_never_replaces_what_is_not_a_model(tiny_checkpoint, tmp_path, kind):
+    """--force replaces a model directory or an empty one; a directory of a user's files (or a
+    file) stays, with a message, and without the [Errno] and force=True of Python."""
+    out = tmp_path / "out"
+    if kind == "a file":
+        out.write_text("important")
+    else:
+        out.mkdir()
+        (out / "important.txt").write_text("important")
+    result = run_cli("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), "--force")
+    assert result.exit_code == 1
+    assert "is never replaced" in result.output or "holds files that are not a model" in (
+        result.output)
+    assert "Errno" not in result.output and "force=True" not in result.output
+    assert (out.read_text() if kind == "a file" else (out / "important.txt").read_text()) == (
+        "important")
+    with pytest.raises(FileExistsError):
+        convert(tiny_checkpoint, out, force=True, log=None)
+
+
+def test_force_replaces_an_empty_directory(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert run_cli("--hf-path", str(tiny_checkpoint), "--mlx-path", str(tmp_path / "out"),
+                   "--force").exit_code == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_failed_forced_conversion_keeps_the_old_output(tiny_checkpoint_copy, tmp_path):
@@ -662,7 +691,7 @@ def test_failed_forced_conversion_keeps_the_old_output(tiny_checkpoint_copy, tmp
 @pytest.mark.parametrize("args,message", [
     (["-q", "--q-bits", "7"], "quantization bits must be one of 2, 3, 4, 5, 6, 8, got 7"),
     (["-q", "--q-group-size", "48"], "group size must be one of 32, 64, 128, got 48"),
-    (["--q-bits", "4"], "need quantize=True (-q)"),
+    (["--q-bits", "4"], "need -q (--quantize)"),
     (["-q", "--quant-predicate", "mixed_9_9"], "'mixed_9_9' is not one of"),
     (["--dtype", "int8"], "'int8' is not one of"),
     (["--max-shard-size", "lots"], "size must look like 5GB"),
@@ -731,3 +760,27 @@ def test_foreign_quantization_config_is_refused_by_load(tiny_checkpoint_copy):
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unsupported quantization_config .quant_method 'awq'"):
         load_model(tiny_checkpoint_copy)
+
+
+# --- quantization that cannot happen is said, never reported as done ----------------------
+
+
+def test_nothing_quantizable_is_an_error_not_a_float_model(checkpoint_factory, tmp_path):
+    """Every input dimension (96) misses group size 64: convert -q writes nothing and exits
+    non-zero; before, it reported success at 32 bits per weight."""
+    source = checkpoint_factory(hidden_size=96, intermediate_size=96, num_heads=4)
+    result = run_cli("--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "-q")
+    assert result.exit_code == 1
+    assert "nothing can be quantized with group size 64" in result.output
+    assert "input dimension (96)" in result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_layers_left_in_float_are_said_in_one_line(checkpoint_factory, tmp_path):
+    source = checkpoint_factory(hidden_size=64, intermediate_size=96)
+    result = run_cli("--hf-path", str(source), "--mlx-path", str(tmp_path / "q"), "-q")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "stay in float" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith("warning: 2 of 15 quantizable layers stay in float: input "
+                               "dimension 96 is not a multiple of group size 64")

@@ -144,8 +144,8 @@ def test_quantized_cache(bits, group_size, dtype, dim, block_keys):
 
 
 @pytest.fixture
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "1")
+def kernels_on(monkeypatch, use_kernels):
+    use_kernels("1")
     # Spies count launcher calls: keep the (separately tested) self-check out of them.
     monkeypatch.setattr(dispatch, "SELF_CHECK_BACKENDS", set())
     calls = []
@@ -183,7 +183,7 @@ def test_dispatch_falls_back_for_masks_prefill_and_odd_shapes(kernels_on):
 
 
 def test_reference_runs_when_kernels_are_forced_off(monkeypatch, kernels_on):
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     q, k, v = random_qkv(1, 14, 2, 64, 29, mx.float32, seed=11)
     scaled_dot_product_attention(q, k, v, scale=0.125)
     assert kernels_on == []
@@ -194,7 +194,7 @@ def test_quantized_dispatch_kernel_and_reference_agree(monkeypatch, kernels_on):
     kq, vq = (mx.quantize(a, group_size=64, bits=8) for a in (k, v))
     got = quantized_scaled_dot_product_attention(q, kq, vq, scale=0.09, group_size=64, bits=8)
     assert kernels_on == [BACKEND]
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     ref = quantized_scaled_dot_product_attention(q, kq, vq, scale=0.09, group_size=64, bits=8)
     assert ref.dtype == got.dtype == mx.float16
     np.testing.assert_allclose(as_f64(got), as_f64(ref), atol=3e-3, rtol=0)

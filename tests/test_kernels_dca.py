@@ -16,16 +16,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen2_mlx.metal_kernels import dispatch
-from qwen2_mlx.metal_kernels import dual_chunk_attention as dca_module
-from qwen2_mlx.metal_kernels.dca_prefill import PREFILL
-from qwen2_mlx.metal_kernels.dispatch import metal_available
-from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+from qwen2_mlx.dca import (
     DualChunkConfig,
     dual_chunk_attention,
     dual_chunk_attention_kernel,
     dual_chunk_attention_reference,
 )
+from qwen2_mlx.metal_kernels import dispatch
+from qwen2_mlx.metal_kernels import dual_chunk_attention as dca_module
+from qwen2_mlx.metal_kernels.dca_prefill import PREFILL
+from qwen2_mlx.metal_kernels.dispatch import metal_available
 
 BACKEND = "metal" if metal_available() else "emulator"
 pytestmark = pytest.mark.skipif(
@@ -153,8 +153,8 @@ def test_missing_barrier_is_caught(monkeypatch):
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "1")
+def kernel_calls(monkeypatch, use_kernels):
+    use_kernels("1")
     # Spies count launcher calls: keep the (separately tested) self-check out of them.
     monkeypatch.setattr(dispatch, "SELF_CHECK_BACKENDS", set())
     calls = []
@@ -174,7 +174,7 @@ def test_dispatch_runs_kernels_and_matches_reference(monkeypatch, kernel_calls):
     prefill = dual_chunk_attention(q, k, v, q_start=30, **args)
     decode = dual_chunk_attention(q[:, :, -1:], k, v, q_start=39, **args)
     assert kernel_calls == [30, 39]
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     np.testing.assert_allclose(np.array(prefill),
                                np.array(dual_chunk_attention(q, k, v, q_start=30, **args)),
                                atol=2e-5)

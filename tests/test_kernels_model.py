@@ -48,9 +48,9 @@ def rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
+def kernel_calls(monkeypatch, use_kernels):
     """Kernels forced on; counts the calls of each kernel launcher the model reaches."""
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "1")
+    use_kernels("1")
     # Spies count launcher calls: keep the (separately tested) self-check out of them.
     monkeypatch.setattr(dispatch, "SELF_CHECK_BACKENDS", set())
     calls: dict[str, int] = {}
@@ -112,7 +112,7 @@ def test_quantized_model_kernel_path_equals_reference(checkpoint_factory, monkey
     # 7 projections per layer x 2 layers + the tied LM head, per decode step.
     assert kernel_calls["quantized_matvec"] >= 4 * 15
     assert kernel_calls["gqa_decode"] >= 4 * 2
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     reference = decode_logits(model, ids, PROMPT.shape[1], kv_bits=kv_bits)
     assert rel_error(ours, reference) <= 1e-4
     assert tokens == greedy(model)
@@ -129,6 +129,65 @@ def test_dual_chunk_attention_kernels_equal_reference(checkpoint_factory, monkey
     ids = np.random.RandomState(23).randint(0, 509, size=(1, 30))
     ours = decode_logits(model, ids, 26)
     assert kernel_calls["dual_chunk_attention_kernel"] == (7 + 4) * 2  # 7 prefill steps, 4 decode
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     reference = decode_logits(model, ids, 26)
+    assert rel_error(ours, reference) <= 1e-4
+
+
+# Qwen2-0.5B's real head geometry: 14 query heads over 2 KV heads (G = 7), head_dim 64.
+REAL_0_5B = dict(hidden_size=896, num_heads=14, num_kv_heads=2, intermediate_size=128)
+
+
+@pytest.fixture
+def self_checked_kernels(monkeypatch, use_kernels):
+    """Kernels on with self-checks on this backend (as on a Mac); counts the DCA kernel's
+    quantized launches."""
+    use_kernels("1")
+    monkeypatch.setattr(dispatch, "SELF_CHECK_BACKENDS", {"metal", "emulator"})
+    dispatch.reset_kernel_state()
+    quantized_launches = []
+    real = dca_module.dual_chunk_attention_kernel
+
+    def spy(*args, **kwargs):
+        if kwargs.get("bits"):
+            quantized_launches.append(kwargs["bits"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dca_module, "dual_chunk_attention_kernel", spy)
+    yield quantized_launches
+    dispatch.reset_kernel_state()
+
+
+def test_real_geometry_decodes_like_transformers_with_self_checks_on(checkpoint_factory,
+                                                                     self_checked_kernels):
+    path = checkpoint_factory(**REAL_0_5B)
+    ref = load_torch_model(path)
+    with torch.no_grad():
+        generated = ref.generate(torch.tensor(PROMPT), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected_logits = ref(generated).logits.float().numpy()
+    model = load_model(path)
+    ours = decode_logits(model, generated.numpy(), PROMPT.shape[1])
+    assert rel_error(ours, expected_logits) <= 1e-4
+    assert greedy(model) == generated[0, PROMPT.shape[1]:].tolist()
+    (variant,) = dispatch.kernel_status().variants
+    assert variant.kernel == "gqa_decode" and variant.shape["group"] == 7
+    assert variant.self_check == "passed" and variant.enabled
+
+
+def test_dca_decode_reads_the_quantized_cache_as_stored(checkpoint_factory,
+                                                        self_checked_kernels):
+    """DCA with an 8-bit KV cache: decode runs the DCA kernel on the packed cache (no
+    dequantized copy), prefill on the dequantized one; both equal the reference path."""
+    path = checkpoint_factory(**REAL_0_5B, extra_config={"dual_chunk_attention_config":
+                                                         DCA_CONFIG})
+    model = load_model(path)
+    ids = np.random.RandomState(24).randint(0, 509, size=(1, 30))
+    ours = decode_logits(model, ids, 26, kv_bits=8)
+    # 4 decode steps x 2 layers on the 8-bit cache (plus the self-check's own launches).
+    assert len(self_checked_kernels) >= 4 * 2 and set(self_checked_kernels) == {8}
+    names = {(v.kernel, v.self_check, v.enabled) for v in dispatch.kernel_status().variants}
+    assert ("dca_decode_quantized", "passed", True) in names
+    dispatch.set_kernel_backend("0")  # the fixture restores it
+    reference = decode_logits(model, ids, 26, kv_bits=8)
     assert rel_error(ours, reference) <= 1e-4

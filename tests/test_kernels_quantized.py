@@ -124,9 +124,9 @@ def test_matvec_supported_rejects_what_the_kernel_cannot_take():
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
+def kernel_calls(monkeypatch, use_kernels):
     """Kernels forced on; records which kernel launchers the dispatch called."""
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "1")
+    use_kernels("1")
     # Spies count launcher calls: keep the (separately tested) self-check out of them.
     monkeypatch.setattr(dispatch, "SELF_CHECK_BACKENDS", set())
     calls = []
@@ -157,7 +157,7 @@ def test_dispatch_takes_the_kernel_only_where_qmv_fast_does_not(kernel_calls):
 
 
 def test_dispatch_reference_when_forced_off(monkeypatch, kernel_calls):
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     x, q = operands(1, 896, 16, mx.float32, 4, 64)
     quantized_matmul(x, *q, group_size=64, bits=4)
     quantized_swiglu(x, q, q, group_size=64, bits=4)
@@ -169,7 +169,7 @@ def test_swiglu_dispatch_fuses_and_falls_back(monkeypatch, kernel_calls):
     _, up = operands(1, 896, 24, mx.float32, 8, 64, seed=10)
     fused = quantized_swiglu(x, gate, up, group_size=64, bits=8)
     assert kernel_calls == ["quantized_swiglu_matvec"]
-    monkeypatch.setenv("QWEN2_MLX_KERNELS", "0")
+    dispatch.set_kernel_backend("0")  # the fixture restores it
     ref = quantized_swiglu(x, gate, up, group_size=64, bits=8)
     np.testing.assert_allclose(np.array(fused), np.array(ref), rtol=1e-4, atol=1e-4)
 

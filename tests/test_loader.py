@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -131,3 +132,49 @@ def test_unreachable_hub_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
     with pytest.raises(ModelNotFoundError, match="local directory"):
         resolve_model_path("Qwen/Qwen2-0.5B-Instruct")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"hidden_size": "96"}, "config field hidden_size must be an integer, got '96' (str)"),
+    ({"rms_norm_eps": None}, "config field rms_norm_eps must be a number, got null"),
+    ({"tie_word_embeddings": "yes"}, "config field tie_word_embeddings must be true or false"),
+    ({"eos_token_id": "x"}, "config field eos_token_id must be an integer, a list of integers"),
+    ({"rope_scaling": [1]}, "config field rope_scaling must be an object or null"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tiny_checkpoint_copy, edit, message):
+    from click.testing import CliRunner
+
+    from qwen2_mlx.cli.main import cli
+
+    file = tiny_checkpoint_copy / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **edit}))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load(tiny_checkpoint_copy)
+    result = CliRunner().invoke(cli, ["generate", "-m", str(tiny_checkpoint_copy), "-p", "hi"])
+    assert result.exit_code == 1 and message in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_config_that_is_not_an_object(tiny_checkpoint_copy):
+    (tiny_checkpoint_copy / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json must hold a JSON object, got a JSON list"):
+        load(tiny_checkpoint_copy)
+
+
+def test_model_that_is_a_file_says_so(tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="is a file, not a model: give the directory"):
+        load(tiny_checkpoint / "model.safetensors")
+
+
+def test_loader_and_converter_read_the_same_weight_files(tiny_checkpoint_copy, tmp_path):
+    """One rule: the index when there is one, else every *.safetensors (the converter
+    accepted "weights.safetensors" that the loader then could not find)."""
+    from qwen2_mlx.convert import convert
+
+    (tiny_checkpoint_copy / "model.safetensors").rename(tiny_checkpoint_copy /
+                                                        "weights.safetensors")
+    model, _ = load(tiny_checkpoint_copy)
+    convert(tiny_checkpoint_copy, tmp_path / "out", log=None)
+    converted, _ = load(tmp_path / "out")
+    ids = mx.array([[1, 2, 3]])
+    np.testing.assert_array_equal(np.array(model(ids)), np.array(converted(ids)))

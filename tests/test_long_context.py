@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from qwen2_mlx import cache as cache_module
 from qwen2_mlx import load
 from qwen2_mlx.cache import kv_cache_bytes_per_token
-from qwen2_mlx.generate import stream_generate
+from qwen2_mlx.generate import generate_step, stream_generate
 from qwen2_mlx.loader import load_model
 from qwen2_mlx.model import Model, ModelConfig
 from qwen2_mlx.rope import rope_inv_freq
+from qwen2_mlx.sampling import SamplingParams
 
 import dca_reference as ref
 from conftest import load_torch_model
@@ -214,11 +216,7 @@ def test_kv_cache_bytes_per_token_table():
     assert kv_cache_bytes_per_token(28, 4, 128, bits=8) == 28 * 2 * 4 * 128 * (1 + 4 / 64)
 
 
-@pytest.mark.parametrize("mode", ["standard", "dca"])
-def test_prefill_memory_grows_linearly(mode):
-    """Peak memory of a stepwise prefill at 1K, 2K and 4K tokens: doubling the prompt must
-    not quadruple the peak (a full score matrix would), on a tiny random model.
-    examples/bench_long_context.py measures the same at 16K-64K tokens."""
+def _long_prompt_model(mode: str) -> Model:
     config = ModelConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                          max_position_embeddings=65536, rope_theta=1e4)
@@ -227,21 +225,55 @@ def test_prefill_memory_grows_linearly(mode):
                                               "original_max_position_embeddings": 512}
     model = Model(config)
     mx.eval(model.parameters())
+    return model
+
+
+def _prefill_peaks(model: Model, sizes, prefill_step_size: int | None) -> list[int]:
+    """Peak memory above the start of generate_step's prefill of `sizes` tokens (None: the
+    whole prompt in one forward pass)."""
     peaks = []
-    for n in (1024, 2048, 4096):
-        ids = mx.array(np.arange(n) % 256)[None]
+    for n in sizes:
         cache = model.make_cache()
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        for c in cache:
-            c.prompt_length = n
-            c.reserve(n)
-        for i in range(0, n, 256):
-            mx.eval(model(ids[:, i : i + 256], cache=cache)[:, -1])
+        steps = generate_step(mx.array(np.arange(n) % 256), model, sampling=SamplingParams(),
+                              cache=cache, max_tokens=1, prefill_step_size=prefill_step_size or n)
+        next(steps)
+        steps.close()
         peaks.append(mx.get_peak_memory() - base)
-        del cache
+        del cache, steps
+    return peaks
+
+
+@pytest.mark.parametrize("mode", ["standard", "dca"])
+def test_prefill_memory_grows_linearly(mode):
+    """Peak memory of a prefill at 1K, 2K and 4K tokens: doubling the prompt must not
+    quadruple the peak (a full score matrix would), on a tiny random model. Standard
+    attention through generate_step's default 512-token steps; Dual Chunk Attention in one
+    forward pass over the whole prompt (its own query and key tiling is what bounds it).
+    examples/bench_long_context.py measures the same at 16K-64K tokens."""
+    model = _long_prompt_model(mode)
+    peaks = _prefill_peaks(model, (1024, 2048, 4096), 512 if mode == "standard" else None)
     assert peaks[2] / peaks[1] < 2.6 and peaks[1] / peaks[0] < 2.6, peaks
+
+
+def _full_matrix_attention(queries, keys, values, *, scale, **_):
+    """A planted DCA stand-in that builds the whole (Tq, Tk) score matrix."""
+    group = queries.shape[1] // keys.shape[1]
+    scores = (queries * scale) @ mx.repeat(keys, group, axis=1).swapaxes(-1, -2)
+    return mx.softmax(scores, axis=-1) @ mx.repeat(values, group, axis=1)
+
+
+@pytest.mark.parametrize("mode", ["standard", "dca"])
+def test_the_linear_memory_check_catches_a_full_score_matrix(mode, monkeypatch):
+    """The negative control of the test above: a prompt prefilled in one pass through MLX's
+    fused attention (which builds the scores on this backend), and a planted full-matrix DCA,
+    both roughly quadruple the peak when the prompt doubles, and fail its bound."""
+    if mode == "dca":
+        monkeypatch.setattr(cache_module, "dual_chunk_attention", _full_matrix_attention)
+    peaks = _prefill_peaks(_long_prompt_model(mode), (1024, 2048), None)
+    assert peaks[1] / peaks[0] > 2.6, peaks
 
 
 def test_cli_and_api_long_context_options_agree(checkpoint_factory):

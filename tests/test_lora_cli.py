@@ -116,3 +116,113 @@ def test_bundled_example_runs(tiny, tmp_path, monkeypatch, capsys):
     runpy.run_path(str(EXAMPLE / "train_lora.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "test loss: base" in out and "fused model written to" in out
+
+
+# --- adapter directories: never silently replaced, checked before the first step ----------
+
+DPO_DATA = Path(__file__).resolve().parents[1] / "examples" / "dpo" / "data"
+QUICK = ["--iters", "2", "--batch-size", "2", "--rank", "4", "--save-every", "1"]
+
+
+@pytest.mark.parametrize("command,data", [("lora", EXAMPLE / "data"), ("dpo", DPO_DATA)])
+def test_retraining_into_an_adapter_directory_needs_overwrite(runner, tiny, tmp_path, command,
+                                                              data):
+    adapters = tmp_path / "ad1"
+    args = [command, "-m", str(tiny), "--data", str(data), *QUICK, "--adapter-path",
+            str(adapters)]
+    assert runner.invoke(cli, args).exit_code == 0
+    before = (adapters / "adapters.safetensors").read_bytes()
+    assert (adapters / "0000001_adapters.safetensors").is_file()
+
+    again = runner.invoke(cli, [*args, "--rank", "8"])
+    assert again.exit_code == 1
+    assert f"the adapter directory {adapters} already holds" in again.stderr
+    assert "--resume-adapter-file" in again.stderr and "--overwrite" in again.stderr
+    assert "Trainable parameters" not in again.stdout  # refused before any work
+    assert (adapters / "adapters.safetensors").read_bytes() == before
+
+    (adapters / "notes.txt").write_text("mine")
+    replaced = runner.invoke(cli, [*args, "--rank", "8", "--overwrite", "--save-every", "5"])
+    assert replaced.exit_code == 0, replaced.output
+    names = {p.name for p in adapters.iterdir()}
+    assert "0000001_adapters.safetensors" not in names  # the old run's checkpoints went
+    assert (adapters / "notes.txt").read_text() == "mine"  # other files stay
+    assert (adapters / "adapters.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("command,data", [("lora", EXAMPLE / "data"), ("dpo", DPO_DATA)])
+@pytest.mark.parametrize("where", ["is a file", "under a file"])
+def test_bad_adapter_path_fails_before_training(runner, tiny, tmp_path, command, data, where):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    path = blocker if where == "is a file" else blocker / "adapters"
+    result = runner.invoke(cli, [command, "-m", str(tiny), "--data", str(data), *QUICK,
+                                 "--adapter-path", str(path)])
+    assert result.exit_code == 1
+    assert "Trainable parameters" not in result.stdout and "Step 1" not in result.stdout
+    assert "is a file" in result.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_lora_with_zero_iterations_and_no_test_says_it_did_nothing(runner, tiny, tmp_path):
+    result = runner.invoke(cli, ["lora", "-m", str(tiny), "--data", str(EXAMPLE / "data"),
+                                 "--iters", "0", "--adapter-path", str(tmp_path / "a")])
+    assert result.exit_code == 0
+    assert "Nothing to do: --iters 0 trains nothing; add --test" in result.stdout
+    assert not (tmp_path / "a").exists()
+
+
+def test_fuse_never_replaces_the_base_model(runner, tiny, tmp_path):
+    import shutil
+
+    base = Path(shutil.copytree(tiny, tmp_path / "base"))
+    adapters = tmp_path / "adapters"
+    assert runner.invoke(cli, ["lora", "-m", str(base), "--data", str(EXAMPLE / "data"),
+                               *QUICK, "--adapter-path", str(adapters)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    for target in (base, tmp_path):
+        result = runner.invoke(cli, ["fuse", "-m", str(base), "--adapter-path", str(adapters),
+                                     "--save-path", str(target), "--force"])
+        assert result.exit_code == 1
+        assert f"would overwrite the base model {base}" in result.stderr
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_qlora_that_cannot_quantize_says_so(runner, checkpoint_factory, tmp_path):
+    """--q-bits on a model no layer of which can be quantized: an error, not a float run;
+    partly quantizable: one warning line, then training."""
+    nothing = checkpoint_factory(hidden_size=96, intermediate_size=96, num_heads=4)
+    result = runner.invoke(cli, ["lora", "-m", str(nothing), "--data", str(EXAMPLE / "data"),
+                                 *QUICK, "--q-bits", "4", "--adapter-path", str(tmp_path / "a")])
+    assert result.exit_code == 1
+    assert "nothing can be quantized with group size 64" in result.stderr
+    assert "Trainable parameters" not in result.stdout
+    partly = checkpoint_factory(hidden_size=64, intermediate_size=96)
+    result = runner.invoke(cli, ["lora", "-m", str(partly), "--data", str(EXAMPLE / "data"),
+                                 *QUICK, "--q-bits", "4", "--adapter-path", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("stay in float") == 1
+    assert "Warning: 2 of 15 quantizable layers stay in float" in result.stderr
+
+
+def test_an_adapter_for_another_base_says_it_does_not_fit(runner, checkpoint_factory, tmp_path):
+    """Trained on a 3-layer model, applied to a 2-layer one (and the other way round): one
+    line saying the adapter does not fit, naming the base it was trained on; the model that
+    load_adapter was given is left as it was."""
+    from qwen2_mlx.lora import lora_layers
+
+    two, three = checkpoint_factory(), checkpoint_factory(num_layers=3)
+    for base, other, name in ((three, two, "a3"), (two, three, "a2")):
+        adapters = tmp_path / name
+        assert runner.invoke(cli, ["lora", "-m", str(base), "--data", str(EXAMPLE / "data"),
+                                   *QUICK, "--adapter-path", str(adapters)]).exit_code == 0
+        result = runner.invoke(cli, ["generate", "-m", str(other), "--adapter-path",
+                                     str(adapters), "-p", "hi"])
+        assert result.exit_code == 1
+        assert "does not fit this model" in result.stderr
+        assert f"it was trained on {base}" in result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        model, _ = load(other)
+        with pytest.raises(ValueError, match="does not fit this model"):
+            load_adapter(model, adapters)
+        assert not lora_layers(model)

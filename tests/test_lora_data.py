@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 
 from qwen2_mlx.chat import render_chat
-from qwen2_mlx.lora.data import (
+from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train.data import (
     BatchSchedule,
     DataFormatError,
-    Dataset,
     Example,
     TruncationWarning,
-    encode_record,
-    load_datasets,
-    load_jsonl,
     make_batch,
 )
-from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train.text_data import Dataset, encode_record, load_datasets, load_jsonl
 
 from lora_tasks import write_jsonl
 
@@ -137,3 +134,25 @@ def test_schedule_is_length_sorted_reproducible_and_covers_each_epoch():
     assert order == [again.indices(i).tolist() for i in reversed(range(12))][::-1]
     with pytest.raises(ValueError, match="fewer than batch_size 8"):
         BatchSchedule(dataset, batch_size=8)
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_byte(tokenizer, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"train\.jsonl:2: not valid UTF-8 \(byte 14 of "
+                                              "the line\\)"):
+        load_jsonl(path, tokenizer)
+
+
+def test_a_cut_off_line_reports_its_real_column(tokenizer, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "cut off"\n{"text": "more"}\n')
+    with pytest.raises(DataFormatError, match=r"train\.jsonl:2: invalid JSON \(Expecting ',' "
+                                              r"delimiter at column 19\)"):
+        load_jsonl(path, tokenizer)
+
+
+def test_a_byte_order_mark_is_not_an_error(tokenizer, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "fine"}\n')
+    assert len(load_jsonl(path, tokenizer)) == 1

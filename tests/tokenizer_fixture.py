@@ -26,14 +26,12 @@ QWEN2_SPLIT_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Qwen2-Instruct's chat template, verbatim (an oracle for the test suite: the package's own
-# formatter must agree with transformers rendering this exact jinja text).
-QWEN2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# Qwen2-Instruct's chat template, the oracle of the chat tests: read from test data copied
+# from the Hub's tokenizer_config.json (the file names its source), never from the package, so
+# the package's formatter is checked against transformers rendering the real jinja text.
+QWEN2_CHAT_TEMPLATE = json.loads(
+    (Path(__file__).parent / "data" / "qwen2_instruct_tokenizer_config.json").read_text(
+        encoding="utf-8"))["chat_template"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN2_NUM_RANKS = 151_643  # ids 151643..151645 are the three added special tokens

@@ -6,61 +6,33 @@ dropout and the adapted module keys), so adapters trained here load in mlx-lm an
 round. What mlx-lm does not know (alpha, the target names given, the training settings) sits
 under a "qwen2_mlx" key.
 
-Training checkpoints add `training_state.safetensors` (optimizer state) next to the adapter
-file; both carry the step in their metadata so a torn pair is detected on resume.
+Training checkpoints (`qwen2_mlx.train.checkpoint`) add `training_state.safetensors` (optimizer
+state) next to the adapter file; both carry the step in their metadata.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, LoRAAdapter, LoRAConfig, apply_lora
+from qwen2_mlx.files import atomic_save_safetensors, atomic_write_json
+from qwen2_mlx.lora.layers import (
+    ADAPTER_PARAMETERS,
+    LoRAAdapter,
+    LoRAConfig,
+    apply_lora,
+    lora_layers,
+    remove_lora,
+)
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
-STATE_SUFFIX = "training_state.safetensors"
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
-
-    A crash leaves either the old file or the new one, never a half-written file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array],
-                            metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=metadata or {}))
-
-
-def atomic_write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-
-    def write(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-
-    atomic_write_bytes(path, write)
-
-
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     """The adapter tensors of `model` by their full names (lora_a, lora_b, DoRA's m)."""
     out = {}
@@ -210,7 +182,7 @@ def load_adapter_weights(model: nn.Module, weights_file: Path) -> int | None:
     if wrong:
         problems.append("wrong shapes: " + "; ".join(wrong[:8]))
     if problems:
-        raise ValueError(f"adapter {weights_file} does not fit this model ("
+        raise ValueError(f"the adapter {weights_file} does not fit this model ("
                          + " | ".join(problems) + ")")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
@@ -226,35 +198,23 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Module
     (``0000100_adapters.safetensors``). The model is left in eval mode (no dropout).
     """
     weights_file, config_file = resolve_adapter_files(adapter_path)
-    config, _ = read_adapter_config(config_file)
-    apply_lora(model, config)
-    load_adapter_weights(model, weights_file)
+    config, data = read_adapter_config(config_file)
+    base = (data.get("qwen2_mlx") or {}).get("base_model")
+    trained_on = f"; it was trained on {base}" if base else ""
+    had_adapters = bool(lora_layers(model))
+    try:
+        try:
+            apply_lora(model, config)
+        except ValueError as e:
+            raise ValueError(f"the adapter {adapter_path} does not fit this model: "
+                             f"{e}{trained_on}") from e
+        try:
+            load_adapter_weights(model, weights_file)
+        except ValueError as e:
+            raise ValueError(f"{e}{trained_on}") from e
+    except ValueError:
+        if not had_adapters:
+            remove_lora(model)  # leave the model as it was
+        raise
     model.eval()
     return model
-
-
-def state_file_for(adapter_file: Path) -> Path:
-    """training_state file paired with an adapter file: adapters.safetensors ->
-    training_state.safetensors, 0000100_adapters.safetensors -> 0000100_training_state..."""
-    adapter_file = Path(adapter_file)
-    name = adapter_file.name
-    if name.endswith(ADAPTER_FILE):
-        return adapter_file.with_name(name[: -len(ADAPTER_FILE)] + STATE_SUFFIX)
-    return adapter_file.with_name(adapter_file.stem + "." + STATE_SUFFIX)
-
-
-def save_training_state(path: Path, optimizer_state: dict, step: int) -> None:
-    arrays = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer_state)}
-    atomic_save_safetensors(path, arrays, {"step": str(step)})
-
-
-def load_training_state(path: Path) -> tuple[dict[str, mx.array], int]:
-    """(flat optimizer state without the 'optimizer.' prefix, step)."""
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:
-        raise ValueError(f"cannot read training state {path}: {e}") from e
-    if "step" not in metadata:
-        raise ValueError(f"{path} has no step in its metadata; it is not a training state")
-    flat = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
-    return flat, int(metadata["step"])
