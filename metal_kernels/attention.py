@@ -17,6 +17,7 @@ from qwen2_mlx.metal_kernels.dispatch import (
     Backend,
     check_close,
     dtype_tolerance,
+    kernels_enabled,
     select_backend,
 )
 from qwen2_mlx.metal_kernels.gqa_decode import (
@@ -59,7 +60,7 @@ def scaled_dot_product_attention(
     whatever the input dtype, as transformers' eager path does. Decode (L == 1) without a
     boolean mask runs the GQA decode kernel where kernels are on and the shapes fit.
     """
-    if _decode_kernel_fits(queries, keys, values, mask):
+    if kernels_enabled() and _decode_kernel_fits(queries, keys, values, mask):
         variant = _variant(queries, keys, bits=0, group_size=0)
         backend = select_backend(DECODE_KERNEL, variant, lambda b: _self_check(b, variant))
         if backend is not None:
@@ -93,7 +94,7 @@ def quantized_scaled_dot_product_attention(
     """
     _check_quantized(keys, "keys")
     _check_quantized(values, "values")
-    if bits in (4, 8) and group_size in (32, 64, 128) and _decode_kernel_fits(
+    if kernels_enabled() and bits in (4, 8) and group_size in (32, 64, 128) and _decode_kernel_fits(
         queries, keys[1], values[1], mask, head_dim=keys[0].shape[-1] * 32 // bits
     ):
         variant = _variant(queries, keys[1], bits=bits, group_size=group_size)

@@ -86,6 +86,12 @@ def kernel_backend() -> Backend:
     return backend
 
 
+def kernels_enabled() -> bool:
+    """Whether any kernel may run (the backend is not the reference): a global read, so the
+    dispatch functions skip their shape checks entirely on the reference backend."""
+    return (_backend or kernel_backend()) != "reference"
+
+
 def set_kernel_backend(setting: str | None = None) -> Backend:
     """Decide the backend again: from a `QWEN2_MLX_KERNELS`-style `setting` ("0", "1",
     "auto"), a backend name ("reference", "emulator", "metal"), or None (re-read the

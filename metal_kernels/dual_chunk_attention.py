@@ -37,6 +37,7 @@ from qwen2_mlx.metal_kernels.dispatch import (
     Backend,
     check_close,
     dtype_tolerance,
+    kernels_enabled,
     select_backend,
 )
 from qwen2_mlx.metal_kernels.gqa_decode import (
@@ -322,7 +323,7 @@ def dual_chunk_attention(
     _check_attention_inputs(queries, keys, values, q_start, query_tile, key_block)
     args = dict(q_start=q_start, chunk_size=chunk_size, local_size=local_size, rotate=rotate,
                 scale=scale, q_temperature=q_temperature)
-    if _kernel_fits(queries, keys, values):
+    if kernels_enabled() and _kernel_fits(queries, keys, values):
         name = DECODE_KERNEL if queries.shape[2] == 1 else PREFILL_KERNEL
         variant = DcaVariant(queries.dtype, keys.dtype, queries.shape[3], queries.shape[1],
                              keys.shape[1])
@@ -360,7 +361,8 @@ def quantized_dual_chunk_attention(
     _check_shapes(queries, k_shape, (*tuple(values[1].shape)[:3], head_dim), q_start)
     args = dict(q_start=q_start, chunk_size=chunk_size, local_size=local_size, rotate=rotate,
                 scale=scale, q_temperature=q_temperature)
-    if (queries.shape[2] == 1 and bits in (4, 8) and group_size in (32, 64, 128)
+    if (kernels_enabled() and queries.shape[2] == 1 and bits in (4, 8)
+            and group_size in (32, 64, 128)
             and _kernel_fits(queries, keys[1], values[1], head_dim=head_dim)):
         variant = DcaVariant(queries.dtype, keys[1].dtype, head_dim, queries.shape[1],
                              k_shape[1], bits, group_size)

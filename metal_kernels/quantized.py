@@ -20,6 +20,7 @@ from qwen2_mlx.metal_kernels.dispatch import (
     Backend,
     check_close,
     dtype_tolerance,
+    kernels_enabled,
     select_backend,
 )
 from qwen2_mlx.metal_kernels.quantized_matvec import (
@@ -75,8 +76,8 @@ def quantized_matmul(
     Decode-sized inputs (at most 4 rows of x) whose shape `qmv_fast` does not take run our
     matvec kernel where kernels are on.
     """
-    if _kernel_wanted(x, w, scales, biases, group_size=group_size, bits=bits,
-                      transpose=transpose):
+    if kernels_enabled() and _kernel_wanted(x, w, scales, biases, group_size=group_size,
+                                            bits=bits, transpose=transpose):
         variant = MatvecVariant(x.dtype, bits, group_size, x.size // x.shape[-1])
         backend = select_backend(MATVEC_KERNEL, variant,
                                  lambda b: _self_check_matvec(b, variant))
@@ -100,7 +101,8 @@ def quantized_swiglu(
     Runs one fused kernel (x read once) for the shapes `quantized_matmul` sends to its
     kernel; otherwise two `quantized_matmul` calls and the SiLU product.
     """
-    same_shape = all(g.shape == u.shape for g, u in zip(gate, up, strict=True))
+    same_shape = kernels_enabled() and all(g.shape == u.shape
+                                           for g, u in zip(gate, up, strict=True))
     if same_shape and all(
         _kernel_wanted(x, g_w, g_s, g_b, group_size=group_size, bits=bits, transpose=True)
         for g_w, g_s, g_b in (gate, up)
