@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.convert.download import fetch_checkpoint
 from qwen2_mlx.convert.quantize import (
     DEFAULT_BITS,
@@ -48,8 +49,8 @@ from qwen2_mlx.convert.save import (
     parse_size,
 )
 from qwen2_mlx.convert.weights import parameter_names, stream_model_weights
-from qwen2_mlx.loader import load_config, weight_files
-from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.model import Model
+from qwen2_mlx.model_files import load_config, weight_files
 from qwen2_mlx.tokenizer import TOKENIZER_FILES
 
 CONVERTIBLE_MODEL_TYPES = ("qwen2", "qwen2_moe")

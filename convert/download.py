@@ -2,7 +2,8 @@
 
 Hub downloads go through huggingface_hub (`snapshot_download`): its progress bars, cache,
 HF_TOKEN and HF_ENDPOINT apply, and only the files a conversion needs are fetched. Errors (no
-such repo, gated repo, no network) are the loader's `ModelNotFoundError`, which says what to do.
+such repo, gated repo, no network) are `qwen2_mlx.model_files.ModelNotFoundError`, which says
+what to do.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qwen2_mlx.loader import MODEL_FILE_PATTERNS, resolve_model_path, weight_files
+from qwen2_mlx.model_files import MODEL_FILE_PATTERNS, resolve_model_path, weight_files
 
 # Weights, configs, tokenizer and generation files; never *.bin/*.pth/*.gguf duplicates.
 CONVERT_FILE_PATTERNS = [*MODEL_FILE_PATTERNS, "*.jinja"]
@@ -19,5 +20,5 @@ CONVERT_FILE_PATTERNS = [*MODEL_FILE_PATTERNS, "*.jinja"]
 def fetch_checkpoint(hf_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local directory holding the checkpoint `hf_path` (a directory or a Hub repo id)."""
     path = resolve_model_path(hf_path, revision=revision, allow_patterns=CONVERT_FILE_PATTERNS)
-    weight_files(path)  # the loader's rule: raises when there are no weights to convert
+    weight_files(path)  # the loader's rule too: raises when there are no weights to convert
     return path

@@ -20,7 +20,10 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen2_mlx.loader import QUANTIZATION_BITS, QUANTIZATION_GROUP_SIZES
+from qwen2_mlx.quantization import (  # noqa: F401  (check_quantization: public here too)
+    QUANTIZATION_GROUP_SIZES,
+    check_quantization,
+)
 
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_BITS = 4
@@ -31,20 +34,6 @@ QuantPredicate = Callable[[str, nn.Module], "bool | dict[str, Any]"]
 
 class QuantizationWarning(UserWarning):
     """Some layers could not be quantized and stay in float."""
-
-
-def check_quantization(bits: int, group_size: int) -> None:
-    """Raise ValueError unless MLX's affine quantization supports `bits` and `group_size`."""
-    if bits not in QUANTIZATION_BITS:
-        raise ValueError(
-            f"quantization bits must be one of {', '.join(map(str, QUANTIZATION_BITS))}, "
-            f"got {bits!r}"
-        )
-    if group_size not in QUANTIZATION_GROUP_SIZES:
-        raise ValueError(
-            "quantization group size must be one of "
-            f"{', '.join(map(str, QUANTIZATION_GROUP_SIZES))}, got {group_size!r}"
-        )
 
 
 def layer_settings(group_size: int, bits: int) -> dict[str, Any]:

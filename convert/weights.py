@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.loader import weight_files
+from qwen2_mlx.model_files import weight_files
 
 
 def read_shard(file: Path) -> dict[str, mx.array]:

@@ -20,7 +20,8 @@ import time
 import mlx.core as mx
 
 from qwen2_mlx.cache import kv_cache_bytes_per_token
-from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.config import ModelConfig
+from qwen2_mlx.model import Model
 
 
 def small_model(layers: int, chunk_size: int, local_size: int) -> Model:

@@ -37,9 +37,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import qwen2_mlx.moe as moe
+from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.generate import generate_step
 from qwen2_mlx.loader import load_model
-from qwen2_mlx.model import Model, ModelConfig
+from qwen2_mlx.model import Model
 from qwen2_mlx.sampling import SamplingParams
 
 SMALL_MOE = dict(

@@ -1,13 +1,16 @@
-"""Dual Chunk Attention (DCA) for Qwen2 long context, in pure MLX with bounded memory.
+"""Dual Chunk Attention (DCA) kernels and their pure-MLX reference, with bounded memory.
 
 Follows the code of ChunkLlama / vLLM / SGLang (spec ``long-context.md`` §3, §4, §8), not the paper:
-positions are clamped at ``chunk_size`` C, not C-1 (§3.3).
+positions are clamped at ``chunk_size`` C, not C-1 (§3.3). The model's side of DCA (its config,
+key positions, length temperature and attention module) is `qwen2_mlx.dca`; these functions take
+plain parameters: the geometry as two ints, and `rotate`, the caller's rotation of float32
+vectors at integer positions (RoPE with the model's frequencies).
 
 Notation: C = chunk_size, W = local_size, L = C - W (``chunk_len``). The token at absolute
 position t lies in chunk t // L (chunks are aligned to position 0).
 
-* Keys are rotated once, at ``t mod L``, and multiplied by the length temperature s of the step
-  that wrote them (``dca_write_keys``); the cache stores them that way. Values are stored as is.
+* Keys arrive as the cache stores them: rotated once, at ``t mod L``, and multiplied by the
+  length temperature of the step that wrote them (``qwen2_mlx.dca.dca_write_keys``).
 * A query at position i is rotated three ways: intra ``i mod L`` (keys of its own chunk, causal),
   successive ``min(i mod L + L, C)`` (keys of the previous chunk) and inter ``min(2L-1, C)``
   (all older keys). One softmax runs over the union, here as an LSE merge of key-blocked parts.
@@ -23,11 +26,8 @@ implementation above, which is also what the kernels are tested against.
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -44,215 +44,38 @@ from qwen2_mlx.metal_kernels.gqa_decode import (
     decode_shape_supported,
     gqa_decode,
 )
-from qwen2_mlx.metal_kernels.rotary import apply_rotary
 
 __all__ = [
-    "DualChunkConfig",
-    "QueryPositions",
+    "Rotate",
     "attention_with_lse",
-    "dca_write_keys",
-    "distance_matrix",
     "dual_chunk_attention",
     "dual_chunk_attention_kernel",
     "dual_chunk_attention_reference",
-    "key_positions",
-    "quantized_dual_chunk_attention",
-    "length_temperature",
     "merge_attention_partials",
-    "query_positions",
+    "quantized_dual_chunk_attention",
 ]
 
-# vLLM's defaults when a key is missing from `dual_chunk_attention_config` (spec §2).
-_DEFAULT_CHUNK_SIZE = 8192
-_DEFAULT_LOCAL_SIZE = 1024
-_SPARSE_KEYS = frozenset(
-    {
-        "sparse_attention_config",
-        "sparse_attention_enabled",
-        "sparse_attention_threshold",
-        "sparse_attention_last_q",
-    }
-)
-_KNOWN_KEYS = frozenset({"chunk_size", "local_size", "original_max_position_embeddings"})
+# rotate(x (..., L, D) float32, positions (L,) int32) -> x rotated at those positions.
+Rotate = Callable[[mx.array, mx.array], mx.array]
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@dataclass(frozen=True)
-class DualChunkConfig:
-    """DCA geometry: ``chunk_size`` C, ``local_size`` W and ``original_max_position_embeddings`` O.
-
-    O > 0 enables the length temperature (§4.4); O = 0 disables it.
-    """
-
-    chunk_size: int
-    local_size: int
-    original_max_position_embeddings: int = 0
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.chunk_size) or self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
-        if not _is_int(self.local_size) or self.local_size <= 0:
-            raise ValueError(f"local_size must be a positive int, got {self.local_size!r}")
-        if self.local_size >= self.chunk_size:
-            raise ValueError(
-                f"local_size ({self.local_size}) must be smaller than chunk_size "
-                f"({self.chunk_size})"
-            )
-        original = self.original_max_position_embeddings
-        if not _is_int(original) or original < 0:
-            raise ValueError(
-                f"original_max_position_embeddings must be an int >= 0, got {original!r}"
-            )
-
-    @property
-    def chunk_len(self) -> int:
-        """L = C - W: tokens per chunk (the paper's chunk size s)."""
-        return self.chunk_size - self.local_size
-
-    @property
-    def inter_query_position(self) -> int:
-        """Constant inter-chunk query position ``min(2L - 1, C)`` (vLLM: ``qc_cache[L - 1]``)."""
-        return min(2 * self.chunk_len - 1, self.chunk_size)
-
-    def temperature(self, length: int) -> float:
-        """Length temperature s(length) for this config (§4.4)."""
-        return length_temperature(length, self.original_max_position_embeddings)
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> DualChunkConfig:
-        """Build from a HF ``dual_chunk_attention_config`` dict.
-
-        Missing keys take vLLM's defaults (C = 8192, W = 1024, O = 0). The ``sparse_attention_*``
-        keys are accepted but sparse attention (an approximation, §0.4) is not implemented: if it
-        is enabled a warning says that attention runs dense. Unknown keys are warned about.
-        """
-        if not isinstance(config, Mapping):
-            raise ValueError(
-                f"dual_chunk_attention_config must be a dict, got {type(config).__name__}"
-            )
-        unknown = sorted(set(config) - _KNOWN_KEYS - _SPARSE_KEYS)
-        if unknown:
-            warnings.warn(
-                f"ignoring unknown dual_chunk_attention_config keys: {unknown}", stacklevel=2
-            )
-        # vLLM: sparse attention defaults to enabled whenever a sparse config is given.
-        sparse_enabled = config.get(
-            "sparse_attention_enabled", config.get("sparse_attention_config") is not None
-        )
-        if sparse_enabled:
-            warnings.warn(
-                "dual_chunk_attention_config enables sparse attention, which qwen2-mlx does "
-                "not support; running dense Dual Chunk Attention instead",
-                stacklevel=2,
-            )
-        original = config.get("original_max_position_embeddings")
-        return cls(
-            chunk_size=config.get("chunk_size", _DEFAULT_CHUNK_SIZE),
-            local_size=config.get("local_size", _DEFAULT_LOCAL_SIZE),
-            original_max_position_embeddings=0 if original is None else original,
-        )
-
-
-def length_temperature(length: int, original_max: int) -> float:
-    """DCA's "YaRN" temperature ``s = max(1, 0.1 ln(length / O) + 1)`` if O > 0, else 1 (§4.4).
-
-    It multiplies both queries and keys, so logits scale by ``s_q * s_k``.
-    """
-    if not _is_int(length) or length < 1:
-        raise ValueError(f"length must be a positive int, got {length!r}")
-    if not _is_int(original_max) or original_max < 0:
-        raise ValueError(f"original_max must be an int >= 0, got {original_max!r}")
-    if original_max == 0:
-        return 1.0
-    return max(1.0, 0.1 * math.log(length / original_max) + 1.0)
-
-
-def _check_start_n(start: int, n: int) -> None:
-    if not _is_int(start) or start < 0:
-        raise ValueError(f"start position must be an int >= 0, got {start!r}")
-    if not _is_int(n) or n < 0:
-        raise ValueError(f"token count must be an int >= 0, got {n!r}")
-
-
-def key_positions(start: int, n: int, chunk_len: int) -> mx.array:
-    """RoPE positions of keys at absolute positions ``start .. start+n-1``: ``t mod L`` (int32)."""
-    _check_start_n(start, n)
-    if not _is_int(chunk_len) or chunk_len <= 0:
-        raise ValueError(f"chunk_len must be a positive int, got {chunk_len!r}")
-    return mx.arange(start, start + n, dtype=mx.int32) % chunk_len
-
-
-class QueryPositions(NamedTuple):
-    """The three RoPE positions of each query (int32 arrays of shape (n,))."""
-
-    intra: mx.array  # i mod L, against keys of the query's own chunk
-    succ: mx.array  # min(i mod L + L, C), against keys of the previous chunk
-    inter: mx.array  # min(2L - 1, C) for every query, against all older keys
-
-
-def query_positions(start: int, n: int, chunk_size: int, local_size: int) -> QueryPositions:
-    """Intra, successive and inter RoPE positions of queries at ``start .. start+n-1`` (§3.1)."""
-    cfg = DualChunkConfig(chunk_size, local_size)
-    intra = key_positions(start, n, cfg.chunk_len)
-    succ = mx.minimum(intra + cfg.chunk_len, cfg.chunk_size)
-    inter = mx.full((n,), cfg.inter_query_position, dtype=mx.int32)
-    return QueryPositions(intra, succ, inter)
-
-
-def distance_matrix(n: int, chunk_size: int, local_size: int) -> mx.array:
-    """Effective relative distance ``M[i, j] = pq_part(i) - pk(j)`` for j <= i (-1 above it).
-
-    The part is intra if chunk(i) == chunk(j), successive if they differ by one, inter otherwise.
-    """
-    cfg = DualChunkConfig(chunk_size, local_size)
-    queries = query_positions(0, n, chunk_size, local_size)
-    keys = key_positions(0, n, cfg.chunk_len)
-    chunk = mx.arange(n, dtype=mx.int32) // cfg.chunk_len
-    chunk_gap = chunk[:, None] - chunk[None, :]
-    query_pos = mx.where(
-        chunk_gap == 0,
-        queries.intra[:, None],
-        mx.where(chunk_gap == 1, queries.succ[:, None], queries.inter[:, None]),
-    )
-    causal = mx.arange(n)[None, :] <= mx.arange(n)[:, None]
-    return mx.where(causal, query_pos - keys[None, :], -1)
+def _geometry(chunk_size: int, local_size: int) -> tuple[int, int]:
+    """(L = C - W, the inter-chunk query position min(2L - 1, C)) of a valid geometry."""
+    if not (_is_int(chunk_size) and _is_int(local_size) and 0 < local_size < chunk_size):
+        raise ValueError(f"DCA needs 0 < local_size < chunk_size, got local_size={local_size!r}, "
+                         f"chunk_size={chunk_size!r}")
+    chunk_len = chunk_size - local_size
+    return chunk_len, min(2 * chunk_len - 1, chunk_size)
 
 
 def _compute_dtype(*arrays: mx.array) -> mx.Dtype:
     # float32 accumulation for fp16/bf16/fp32 inputs. float64 inputs (CPU only) stay float64,
     # though MLX's float64 exp/cos are only ~1e-7 accurate, so it is no exactness oracle.
     return mx.float64 if any(a.dtype == mx.float64 for a in arrays) else mx.float32
-
-
-def dca_write_keys(
-    keys: mx.array,
-    start_pos: int,
-    cfg: DualChunkConfig,
-    inv_freq: mx.array,
-    temperature: float = 1.0,
-) -> mx.array:
-    """Keys as the DCA cache stores them: rotated at ``t mod L`` and multiplied by ``temperature``.
-
-    ``keys`` (B, Hkv, T, D) are unrotated keys of absolute positions ``start_pos ..
-    start_pos+T-1``. ``temperature`` is s of the step writing them (prefill: the whole prompt
-    length; decode: the current length), and cached keys keep it (vLLM, §4.4).
-    The rotation and scaling run in float32; the result has the dtype of ``keys``.
-    """
-    if keys.ndim != 4:
-        raise ValueError(f"keys must have shape (B, Hkv, T, D), got {tuple(keys.shape)}")
-    if not _is_int(start_pos) or start_pos < 0:
-        raise ValueError(f"start_pos must be an int >= 0, got {start_pos!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    compute = _compute_dtype(keys)
-    positions = key_positions(start_pos, keys.shape[2], cfg.chunk_len)
-    rotated = apply_rotary(keys.astype(compute), positions, inv_freq)
-    if temperature != 1.0:
-        rotated = rotated * temperature
-    return rotated.astype(keys.dtype)
 
 
 def attention_with_lse(
@@ -317,19 +140,17 @@ def _check_attention_inputs(
     keys: mx.array,
     values: mx.array,
     q_start: int,
-    inv_freq: mx.array,
     query_tile: int,
     key_block: int,
 ) -> None:
-    _check_shapes(queries, tuple(keys.shape), tuple(values.shape), q_start, inv_freq)
+    _check_shapes(queries, tuple(keys.shape), tuple(values.shape), q_start)
     if not _is_int(query_tile) or query_tile < 1:
         raise ValueError(f"query_tile must be a positive int, got {query_tile!r}")
     if not _is_int(key_block) or key_block < 1:
         raise ValueError(f"key_block must be a positive int, got {key_block!r}")
 
 
-def _check_shapes(queries: mx.array, k_shape: tuple, v_shape: tuple, q_start: int,
-                  inv_freq: mx.array) -> None:
+def _check_shapes(queries: mx.array, k_shape: tuple, v_shape: tuple, q_start: int) -> None:
     for name, shape in (("queries", tuple(queries.shape)), ("keys", k_shape),
                         ("values", v_shape)):
         if len(shape) != 4:
@@ -351,10 +172,6 @@ def _check_shapes(queries: mx.array, k_shape: tuple, v_shape: tuple, q_start: in
             f"q_start={q_start!r} but queries must be the last {q_len} of {k_shape[2]} "
             f"cached tokens, i.e. q_start={k_shape[2] - q_len}"
         )
-    if inv_freq.ndim != 1 or inv_freq.shape[0] * 2 != head_dim:
-        raise ValueError(
-            f"inv_freq of shape {tuple(inv_freq.shape)} does not match head dim {head_dim}"
-        )
 
 
 def dual_chunk_attention_reference(
@@ -363,8 +180,9 @@ def dual_chunk_attention_reference(
     values: mx.array,
     *,
     q_start: int,
-    cfg: DualChunkConfig,
-    inv_freq: mx.array,
+    chunk_size: int,
+    local_size: int,
+    rotate: Rotate,
     scale: float,
     q_temperature: float = 1.0,
     query_tile: int = 512,
@@ -374,11 +192,12 @@ def dual_chunk_attention_reference(
 
     Args:
         queries: (B, Hq, Tq, D) **unrotated** queries of absolute positions q_start..Tk-1.
-        keys: (B, Hkv, Tk, D) cached keys from ``dca_write_keys`` (rotated at t mod L, scaled).
+        keys: (B, Hkv, Tk, D) cached keys (rotated at t mod L and scaled when written).
         values: (B, Hkv, Tk, D) cached values.
         q_start: absolute position of the first query; must equal Tk - Tq.
-        cfg: the DCA geometry.
-        inv_freq: (D/2,) plain RoPE inverse frequencies (DCA never uses YaRN frequencies, §0.1).
+        chunk_size, local_size: the DCA geometry C and W.
+        rotate: rotates float32 queries at integer positions (plain RoPE frequencies: DCA
+            never uses YaRN's, §0.1).
         scale: softmax scale, normally D**-0.5.
         q_temperature: s for the queries (prefill: s(prompt length); decode: s(current length)).
         query_tile: most query rows per tile; tiles also end at chunk boundaries.
@@ -388,11 +207,11 @@ def dual_chunk_attention_reference(
     Returns (B, Hq, Tq, D) in the dtype of ``queries``. Decode (Tq = 1) is the same computation,
     so it equals the last row of a prefill (spec §4.3). GQA runs without repeating K/V.
     """
-    _check_attention_inputs(queries, keys, values, q_start, inv_freq, query_tile, key_block)
+    _check_attention_inputs(queries, keys, values, q_start, query_tile, key_block)
+    chunk_len, inter_position = _geometry(chunk_size, local_size)
     batch, q_heads, q_len, head_dim = queries.shape
     kv_heads, k_len = keys.shape[1], keys.shape[2]
     groups = q_heads // kv_heads
-    chunk_len, chunk_size = cfg.chunk_len, cfg.chunk_size
     compute = _compute_dtype(queries, keys, values)
     softmax_scale = scale * q_temperature
     block_budget = query_tile * key_block
@@ -416,7 +235,7 @@ def dual_chunk_attention_reference(
         # (query position, key range, causal) for each part; §4.2.
         parts = []
         if chunk_start >= 2 * chunk_len:
-            inter_pos = mx.full((rows,), cfg.inter_query_position, dtype=mx.int32)
+            inter_pos = mx.full((rows,), inter_position, dtype=mx.int32)
             parts.append((inter_pos, 0, chunk_start - chunk_len, False))
         if chunk_start >= chunk_len:
             succ_pos = mx.minimum(intra_pos + chunk_len, chunk_size)
@@ -426,7 +245,7 @@ def dual_chunk_attention_reference(
 
         merged = None
         for rope_pos, key_lo, key_hi, causal in parts:
-            q_rot = apply_rotary(q_tile, rope_pos, inv_freq)
+            q_rot = rotate(q_tile, rope_pos)
             q_rot = q_rot.reshape(batch, kv_heads, groups * rows, head_dim)
             for block_lo in range(key_lo, key_hi, keys_per_block):
                 block_hi = min(block_lo + keys_per_block, key_hi)
@@ -486,8 +305,9 @@ def dual_chunk_attention(
     values: mx.array,
     *,
     q_start: int,
-    cfg: DualChunkConfig,
-    inv_freq: mx.array,
+    chunk_size: int,
+    local_size: int,
+    rotate: Rotate,
     scale: float,
     q_temperature: float = 1.0,
     query_tile: int = 512,
@@ -499,21 +319,18 @@ def dual_chunk_attention(
     kernels are on and the head geometry fits (head_dim 32/64/96/128, G * head_dim <= 1024,
     float32/float16/bfloat16); ``query_tile`` and ``key_block`` only shape the reference.
     """
-    _check_attention_inputs(queries, keys, values, q_start, inv_freq, query_tile, key_block)
+    _check_attention_inputs(queries, keys, values, q_start, query_tile, key_block)
+    args = dict(q_start=q_start, chunk_size=chunk_size, local_size=local_size, rotate=rotate,
+                scale=scale, q_temperature=q_temperature)
     if _kernel_fits(queries, keys, values):
         name = DECODE_KERNEL if queries.shape[2] == 1 else PREFILL_KERNEL
         variant = DcaVariant(queries.dtype, keys.dtype, queries.shape[3], queries.shape[1],
                              keys.shape[1])
         backend = select_backend(name, variant, lambda b: _self_check(b, name, variant))
         if backend is not None:
-            return dual_chunk_attention_kernel(
-                backend, queries, keys, values, q_start=q_start, cfg=cfg, inv_freq=inv_freq,
-                scale=scale, q_temperature=q_temperature,
-            )
-    return dual_chunk_attention_reference(
-        queries, keys, values, q_start=q_start, cfg=cfg, inv_freq=inv_freq, scale=scale,
-        q_temperature=q_temperature, query_tile=query_tile, key_block=key_block,
-    )
+            return dual_chunk_attention_kernel(backend, queries, keys, values, **args)
+    return dual_chunk_attention_reference(queries, keys, values, query_tile=query_tile,
+                                          key_block=key_block, **args)
 
 
 def quantized_dual_chunk_attention(
@@ -524,8 +341,9 @@ def quantized_dual_chunk_attention(
     group_size: int,
     bits: int,
     q_start: int,
-    cfg: DualChunkConfig,
-    inv_freq: mx.array,
+    chunk_size: int,
+    local_size: int,
+    rotate: Rotate,
     scale: float,
     q_temperature: float = 1.0,
 ) -> mx.array:
@@ -539,7 +357,9 @@ def quantized_dual_chunk_attention(
     head_dim = keys[0].shape[-1] * 32 // bits
     scales_shape = tuple(keys[1].shape)
     k_shape = (*scales_shape[:3], head_dim)
-    _check_shapes(queries, k_shape, (*tuple(values[1].shape)[:3], head_dim), q_start, inv_freq)
+    _check_shapes(queries, k_shape, (*tuple(values[1].shape)[:3], head_dim), q_start)
+    args = dict(q_start=q_start, chunk_size=chunk_size, local_size=local_size, rotate=rotate,
+                scale=scale, q_temperature=q_temperature)
     if (queries.shape[2] == 1 and bits in (4, 8) and group_size in (32, 64, 128)
             and _kernel_fits(queries, keys[1], values[1], head_dim=head_dim)):
         variant = DcaVariant(queries.dtype, keys[1].dtype, head_dim, queries.shape[1],
@@ -547,14 +367,11 @@ def quantized_dual_chunk_attention(
         backend = select_backend(QUANTIZED_DECODE_KERNEL, variant,
                                  lambda b: _self_check(b, QUANTIZED_DECODE_KERNEL, variant))
         if backend is not None:
-            return dual_chunk_attention_kernel(
-                backend, queries, keys, values, q_start=q_start, cfg=cfg, inv_freq=inv_freq,
-                scale=scale, q_temperature=q_temperature, bits=bits, group_size=group_size,
-            )
+            return dual_chunk_attention_kernel(backend, queries, keys, values, bits=bits,
+                                               group_size=group_size, **args)
     k = dequantize_kv(keys, group_size=group_size, bits=bits, dtype=queries.dtype)
     v = dequantize_kv(values, group_size=group_size, bits=bits, dtype=queries.dtype)
-    return dual_chunk_attention(queries, k, v, q_start=q_start, cfg=cfg, inv_freq=inv_freq,
-                                scale=scale, q_temperature=q_temperature)
+    return dual_chunk_attention(queries, k, v, **args)
 
 
 def _kernel_fits(queries: mx.array, keys: mx.array, values: mx.array,
@@ -575,8 +392,9 @@ def dual_chunk_attention_kernel(
     values: mx.array,
     *,
     q_start: int,
-    cfg: DualChunkConfig,
-    inv_freq: mx.array,
+    chunk_size: int,
+    local_size: int,
+    rotate: Rotate,
     scale: float,
     q_temperature: float = 1.0,
     block_keys: int | None = None,
@@ -590,12 +408,12 @@ def dual_chunk_attention_kernel(
     `bits`, keys/values are a quantized cache's triples (decode only).
     """
     batch, q_heads, q_len, head_dim = queries.shape
-    chunk_len = cfg.chunk_len
+    chunk_len, _ = _geometry(chunk_size, local_size)
     softmax_scale = scale * q_temperature
     if q_len == 1:
         # Decode (spec §4.3): keys [cL, n) intra, [(c-1)L, cL) successive, [0, (c-1)L) inter.
         chunk = q_start // chunk_len
-        copies = _rotated_copies(queries, q_start, cfg, inv_freq)
+        copies = _rotated_copies(queries, q_start, chunk_size, local_size, rotate)
         q_parts = mx.stack(copies, axis=2).reshape(batch * q_heads, 3, head_dim)
         out = gqa_decode(
             backend, q_parts, keys, values, scale=softmax_scale, out_dtype=queries.dtype,
@@ -608,7 +426,8 @@ def dual_chunk_attention_kernel(
     outs = []
     for lo in range(0, q_len, PREFILL_ROWS_PER_LAUNCH):
         hi = min(lo + PREFILL_ROWS_PER_LAUNCH, q_len)
-        copies = _rotated_copies(queries[:, :, lo:hi], q_start + lo, cfg, inv_freq)
+        copies = _rotated_copies(queries[:, :, lo:hi], q_start + lo, chunk_size, local_size,
+                                 rotate)
         out = dca_prefill(
             backend, mx.stack(copies, axis=0), keys, values, q_start=q_start + lo,
             chunk_len=chunk_len, scale=softmax_scale, out_dtype=queries.dtype,
@@ -619,25 +438,32 @@ def dual_chunk_attention_kernel(
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
-def _rotated_copies(
-    queries: mx.array, q_start: int, cfg: DualChunkConfig, inv_freq: mx.array
-) -> list[mx.array]:
+def _rotated_copies(queries: mx.array, q_start: int, chunk_size: int, local_size: int,
+                    rotate: Rotate) -> list[mx.array]:
     """The intra, successive and inter-chunk rotations of queries at q_start.. (float32)."""
+    chunk_len, inter_position = _geometry(chunk_size, local_size)
     q_len = queries.shape[2]
     positions = mx.arange(q_start, q_start + q_len, dtype=mx.int32)
-    intra = positions % cfg.chunk_len
-    succ = mx.minimum(intra + cfg.chunk_len, cfg.chunk_size)
-    inter = mx.full((q_len,), cfg.inter_query_position, dtype=mx.int32)
+    intra = positions % chunk_len
+    succ = mx.minimum(intra + chunk_len, chunk_size)
+    inter = mx.full((q_len,), inter_position, dtype=mx.int32)
     q32 = queries.astype(mx.float32)
-    return [apply_rotary(q32, p, inv_freq) for p in (intra, succ, inter)]
+    return [rotate(q32, p) for p in (intra, succ, inter)]
+
+
+def _position_map(x: mx.array, positions: mx.array) -> mx.array:
+    """The self-check's stand-in for a rotation: a different linear map at every position.
+    The kernels never rotate (they pick, per key, the query copy of its part), so any map
+    that makes the three copies differ checks that choice."""
+    angles = positions.astype(mx.float32)[:, None] * mx.linspace(0.1, 1.0, x.shape[-1])
+    return x * mx.cos(angles) + mx.roll(x, 1, axis=-1) * mx.sin(angles)
 
 
 def _self_check(backend: Backend, name: str, variant: DcaVariant) -> None:
-    """A 40-token cache over four chunks (C=16, W=4) in the variant's head geometry: decode
+    """A 40-token cache over four chunks (C=16, W=4, L=12) in the variant's head geometry: decode
     at the last position, or a 13-row prefill crossing a chunk boundary, against the
     reference in float32 (on the dequantized cache for a quantized variant)."""
     q_dtype, kv_dtype, head_dim, q_heads, kv_heads, bits, group_size = variant
-    cfg = DualChunkConfig(16, 4, 8)
     n_keys = 40
     q_len = 13 if name == PREFILL_KERNEL else 1
     kq, kk, kv = mx.random.split(mx.random.key(4321), 3)
@@ -650,9 +476,8 @@ def _self_check(backend: Backend, name: str, variant: DcaVariant) -> None:
         values_in = mx.quantize(values, group_size=group_size, bits=bits)
         keys = dequantize_kv(keys_in, group_size=group_size, bits=bits, dtype=kv_dtype)
         values = dequantize_kv(values_in, group_size=group_size, bits=bits, dtype=kv_dtype)
-    inv_freq = 1.0 / (10000.0 ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
-    args = dict(q_start=n_keys - q_len, cfg=cfg, inv_freq=inv_freq, scale=head_dim**-0.5,
-                q_temperature=1.1)
+    args = dict(q_start=n_keys - q_len, chunk_size=16, local_size=4, rotate=_position_map,
+                scale=head_dim**-0.5, q_temperature=1.1)
     f32 = mx.float32
     expected = dual_chunk_attention_reference(
         queries.astype(f32), keys.astype(f32), values.astype(f32), **args

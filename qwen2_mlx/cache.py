@@ -9,6 +9,12 @@ grow in blocks of at least `step` positions and at least 1/8 of what they hold, 
 `QuantizedKVCache` stores keys and values with MLX's 8-bit affine quantization (about half
 the bytes of bfloat16), and hands attention dequantized copies of one layer at a time.
 
+A cache is also the attention's entry point: `cache.attend(q, k, v, scale=, mask=)` appends the
+new keys and values and attends over everything held, reading them as they are stored (float,
+or 8/4-bit through the quantized attention), and `attend_dual_chunk` does the same for Dual
+Chunk Attention; `NO_CACHE` stands for "no cache" (training, a plain forward pass). So the
+model's attention never asks which kind of cache it has.
+
 A cache remembers the attention `mode` that wrote it ("standard" or "dca"): DCA stores keys
 already rotated at chunk-relative positions, so a cache cannot change mode mid-sequence.
 
@@ -25,6 +31,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from qwen2_mlx.metal_kernels.attention import (
+    quantized_scaled_dot_product_attention,
+    scaled_dot_product_attention,
+)
+from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+    dual_chunk_attention,
+    quantized_dual_chunk_attention,
+)
+
+Mask = mx.array | str | None
 
 
 class KVCache:
@@ -94,6 +111,30 @@ class KVCache:
     def is_trimmable(self) -> bool:
         return True
 
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+               mask: Mask = None) -> mx.array:
+        """Append `keys`/`values` (B, H_kv, L, D) and attend `queries` (B, H, L, D) over all
+        the cached positions (`mask` as `scaled_dot_product_attention` takes it)."""
+        self._check_mode("standard")
+        keys, values = self.update_and_fetch(keys, values)
+        return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def attend_dual_chunk(self, queries: mx.array, keys: mx.array, values: mx.array,
+                          **dca) -> mx.array:
+        """Append DCA keys (already rotated and scaled) and values, and run Dual Chunk
+        Attention of `queries` over the cache (`dca`: the geometry, rotation and scales)."""
+        self._check_mode("dca")
+        q_start = self.offset
+        keys, values = self.update_and_fetch(keys, values)
+        return dual_chunk_attention(queries, keys, values, q_start=q_start, **dca)
+
+    def _check_mode(self, mode: str) -> None:
+        if self.mode != mode:
+            raise ValueError(
+                f"this KV cache was written in {self.mode!r} attention mode but the model "
+                f"runs {mode!r}: the mode is fixed per sequence, start a new cache"
+            )
+
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (e.g. rejected draft tokens); returns how many went."""
         n = min(max(n, 0), self.offset)
@@ -126,6 +167,24 @@ class QuantizedKVCache(KVCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = self._append(keys, values)
         return self._dequantize(self.keys, n), self._dequantize(self.values, n)
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+               mask: Mask = None) -> mx.array:
+        # The attention reads the 8/4-bit cache as stored (a kernel does on Metal).
+        self._check_mode("standard")
+        keys, values = self.update_and_fetch_quantized(keys, values)
+        return quantized_scaled_dot_product_attention(
+            queries, keys, values, scale=scale, mask=mask, group_size=self.group_size,
+            bits=self.bits)
+
+    def attend_dual_chunk(self, queries: mx.array, keys: mx.array, values: mx.array,
+                          **dca) -> mx.array:
+        # Decode reads the quantized cache as stored (a kernel does on Metal).
+        self._check_mode("dca")
+        q_start = self.offset
+        keys, values = self.update_and_fetch_quantized(keys, values)
+        return quantized_dual_chunk_attention(queries, keys, values, q_start=q_start,
+                                              group_size=self.group_size, bits=self.bits, **dca)
 
     def update_and_fetch_quantized(
         self, keys: mx.array, values: mx.array
@@ -187,6 +246,24 @@ class QuantizedKVCache(KVCache):
         state = self.state
         return sum(a.nbytes for part in state for a in part) if state else 0
 
+
+class NoCache:
+    """The cache of a forward pass that keeps nothing (training, a plain `model(ids)`):
+    position 0, and attention over just the keys and values given."""
+
+    offset = 0
+    prompt_length = 0
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
+               mask: Mask = None) -> mx.array:
+        return scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+    def attend_dual_chunk(self, queries: mx.array, keys: mx.array, values: mx.array,
+                          **dca) -> mx.array:
+        return dual_chunk_attention(queries, keys, values, q_start=0, **dca)
+
+
+NO_CACHE = NoCache()
 
 UNKNOWN_TOKEN = -1
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qwen2_mlx.metal_kernels.dual_chunk_attention import DualChunkConfig
+from qwen2_mlx.dca import DualChunkConfig
 
 
 @dataclass(frozen=True)

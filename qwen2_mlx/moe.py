@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 if TYPE_CHECKING:
-    from qwen2_mlx.model import ModelConfig
+    from qwen2_mlx.config import ModelConfig
 
 # Sort (token, expert) pairs by expert before the gather matmuls once there are this many, so
 # consecutive rows share an expert's matrix. Measured on the CPU backend (mlx 0.32.4, 64

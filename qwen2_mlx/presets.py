@@ -7,7 +7,7 @@ so `sliding_window` and `max_window_layers` are recorded but change nothing.
 
 from __future__ import annotations
 
-from qwen2_mlx.model import ModelConfig
+from qwen2_mlx.config import ModelConfig
 
 _COMMON = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1_000_000.0)
 

@@ -10,16 +10,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+from qwen2_mlx.dca import (
     DualChunkConfig,
-    attention_with_lse,
     dca_write_keys,
     distance_matrix,
     dual_chunk_attention,
     key_positions,
     length_temperature,
-    merge_attention_partials,
     query_positions,
+)
+from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+    attention_with_lse,
+    merge_attention_partials,
 )
 from qwen2_mlx.rope import rope_inv_freq
 

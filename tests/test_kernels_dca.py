@@ -16,16 +16,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from qwen2_mlx.metal_kernels import dispatch
-from qwen2_mlx.metal_kernels import dual_chunk_attention as dca_module
-from qwen2_mlx.metal_kernels.dca_prefill import PREFILL
-from qwen2_mlx.metal_kernels.dispatch import metal_available
-from qwen2_mlx.metal_kernels.dual_chunk_attention import (
+from qwen2_mlx.dca import (
     DualChunkConfig,
     dual_chunk_attention,
     dual_chunk_attention_kernel,
     dual_chunk_attention_reference,
 )
+from qwen2_mlx.metal_kernels import dispatch
+from qwen2_mlx.metal_kernels import dual_chunk_attention as dca_module
+from qwen2_mlx.metal_kernels.dca_prefill import PREFILL
+from qwen2_mlx.metal_kernels.dispatch import metal_available
 
 BACKEND = "metal" if metal_available() else "emulator"
 pytestmark = pytest.mark.skipif(

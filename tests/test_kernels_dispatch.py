@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from qwen2_mlx.dca import rotation
 from qwen2_mlx.metal_kernels import attention, dispatch, dual_chunk_attention, quantized
 from qwen2_mlx.metal_kernels import gqa_decode as gqa_module
 from qwen2_mlx.metal_kernels import quantized_matvec as qmv_module
@@ -239,7 +240,6 @@ def _run_every_attention_kernel(q_heads: int, kv_heads: int, dim: int, dtype=mx.
     """Decode (float and 8-bit cache) and DCA decode/prefill (float, 8-bit decode) at one
     head geometry, through the dispatch functions the model calls."""
     r = np.random.default_rng(3)
-    cfg = dual_chunk_attention.DualChunkConfig(16, 4, 8)
     inv_freq = 1.0 / (10000.0 ** (mx.arange(0, dim, 2, dtype=mx.float32) / dim))
 
     def normal(*shape):
@@ -248,7 +248,7 @@ def _run_every_attention_kernel(q_heads: int, kv_heads: int, dim: int, dtype=mx.
     k, v = normal(1, kv_heads, 24, dim), normal(1, kv_heads, 24, dim)
     kq, vq = (mx.quantize(t, group_size=64, bits=8) for t in (k, v))
     decode, prefill = normal(1, q_heads, 1, dim), normal(1, q_heads, 3, dim)
-    dca = dict(cfg=cfg, inv_freq=inv_freq, scale=dim**-0.5)
+    dca = dict(chunk_size=16, local_size=4, rotate=rotation(inv_freq), scale=dim**-0.5)
     outs = [
         attention.scaled_dot_product_attention(decode, k, v, scale=dim**-0.5),
         attention.quantized_scaled_dot_product_attention(decode, kq, vq, scale=dim**-0.5,

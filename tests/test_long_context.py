@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from qwen2_mlx import cache as cache_module
 from qwen2_mlx import load
-from qwen2_mlx import model as model_module
 from qwen2_mlx.cache import kv_cache_bytes_per_token
 from qwen2_mlx.generate import generate_step, stream_generate
 from qwen2_mlx.loader import load_model
@@ -271,7 +271,7 @@ def test_the_linear_memory_check_catches_a_full_score_matrix(mode, monkeypatch):
     fused attention (which builds the scores on this backend), and a planted full-matrix DCA,
     both roughly quadruple the peak when the prompt doubles, and fail its bound."""
     if mode == "dca":
-        monkeypatch.setattr(model_module, "dual_chunk_attention", _full_matrix_attention)
+        monkeypatch.setattr(cache_module, "dual_chunk_attention", _full_matrix_attention)
     peaks = _prefill_peaks(_long_prompt_model(mode), (1024, 2048), None)
     assert peaks[1] / peaks[0] > 2.6, peaks
 

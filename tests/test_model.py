@@ -9,7 +9,8 @@ import torch
 
 from qwen2_mlx.generate import generate_step
 from qwen2_mlx.loader import load_model
-from qwen2_mlx.model import ModelConfig, attention_mask
+from qwen2_mlx.masks import attention_mask
+from qwen2_mlx.model import ModelConfig
 from qwen2_mlx.sampling import SamplingParams
 
 from conftest import load_torch_model
