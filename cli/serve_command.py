@@ -8,7 +8,7 @@ import time
 
 import click
 
-from qwen2_mlx.cli.errors import click_error
+from qwen2_mlx.cli.errors import click_error, error_line
 from qwen2_mlx.cli.generate_command import DEFAULT_MODEL
 
 API_KEY_ENV = "QWEN2_MLX_API_KEY"
@@ -118,7 +118,7 @@ def serve_command(model, model_id, host, port, api_key, cors_origins, max_batch_
     try:
         sock = bind_socket(host, port)
     except OSError as e:
-        raise click_error(e) from e
+        raise click.ClickException(f"cannot listen on {host}:{port}: {error_line(e)}") from e
     settings = EngineSettings(max_batch_size=max_batch_size, max_queue=max_queue,
                               prefill_step_size=prefill_step_size,
                               prompt_cache_bytes=prompt_cache_bytes,

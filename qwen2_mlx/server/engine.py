@@ -69,7 +69,7 @@ class EngineSettings:
     """Scheduling and memory limits of the engine.
 
     max_batch_size: sequences decoded together (a job's n choices each take one).
-    max_queue: jobs waiting to start; beyond it `submit` raises QueueFullError.
+    max_queue: jobs waiting for room in the batch; beyond it `submit` raises QueueFullError.
     prefill_step_size: prompt tokens per prefill forward pass.
     prompt_cache_bytes: byte budget of the prefix cache (0 turns it off).
     kv_bits: store KV caches 8- (or 4-) bit quantized; None keeps the model's dtype.
@@ -173,7 +173,8 @@ class Engine:
         with self._lock:
             if self._draining:
                 raise ShuttingDownError("the server is shutting down")
-            if self._queued >= self.settings.max_queue:
+            # Jobs the batch has room for start at the next step: only the rest wait.
+            if self._queued - self._room() >= self.settings.max_queue:
                 raise QueueFullError(retry_after=self._retry_after())
             self._queued += 1
         self._inbox.put(job)
@@ -214,6 +215,12 @@ class Engine:
         """Sequences decoding, prompts prefilling and jobs waiting (for /metrics)."""
         return {"active": len(self._active), "prefilling": len(self._prompts),
                 "waiting": self._queued}
+
+    def _room(self) -> int:
+        """Free batch slots, as seen from another thread (a snapshot, good enough to tell
+        a burst the batch can take from a queue)."""
+        prefilling = sum(p.job.n for p in list(self._prompts))
+        return max(0, self.max_choices - len(self._active) - prefilling)
 
     def _retry_after(self) -> int:
         # A rough wait: the batch frees a slot every few seconds on a small model.
