@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import click
 
-from qwen2_mlx.cli.lora_command import (
-    ProgressPrinter,
-    _bar,
+from qwen2_mlx.cli.training_options import (
     base_metadata,
     check_adapter_dir,
     echo_truncation_warnings,
     load_base_model,
-    lora_command,
+    model_and_data_options,
     one_line_errors,
+    training_options,
     training_settings,
 )
-
-# The adapter and training flags are `qwen2-mlx lora`'s own options (same names, checks and
-# help), so the two commands cannot drift apart. Changed defaults and help for DPO:
-SHARED_OPTIONS = {
-    "model": {}, "data": {"help": "Directory with train.jsonl (and valid.jsonl) of preference "
-                                  "pairs: {prompt or messages, chosen, rejected, system?}."},
-    "iters": {"help": "Optimizer steps to train for (0: only report the validation metrics of "
-                      "the adapters already in --adapter-path)."},
-    "batch_size": {"help": "Preference pairs per batch (2x as many sequences)."},
-    # DPO moves a tuned model a little; mlx-lm-lora and TRL's LoRA recipes use 1e-6..5e-5.
-    "learning_rate": {"default": 1e-5}, "rank": {}, "alpha": {}, "dropout": {}, "targets": {},
-    "num_layers": {}, "dora": {}, "optimizer": {}, "weight_decay": {}, "lr_schedule": {},
-    "warmup_steps": {}, "grad_accumulation_steps": {}, "max_grad_norm": {},
-    "grad_checkpoint": {}, "max_seq_length": {}, "steps_per_report": {}, "steps_per_eval": {},
-    "val_batches": {}, "save_every": {}, "adapter_path": {}, "resume_adapter_file": {},
-    "overwrite": {},
-    "dtype": {}, "q_bits": {}, "q_group_size": {}, "seed": {},
-}
-
-
-def _shared(option: click.Parameter) -> click.Parameter:
-    option = copy.copy(option)
-    for attribute, value in SHARED_OPTIONS[option.name].items():
-        setattr(option, attribute, value)
-    return option
+from qwen2_mlx.train.progress import ProgressPrinter, progress_bar
 
 
 class DPOProgressPrinter(ProgressPrinter):
@@ -50,7 +24,7 @@ class DPOProgressPrinter(ProgressPrinter):
 
     def step_line(self, p) -> str:
         m = p.metrics
-        return (f"Step {p.step}/{p.iters} {_bar(p.step, p.iters)} loss {m['loss']:.4f} | "
+        return (f"Step {p.step}/{p.iters} {progress_bar(p.step, p.iters)} loss {m['loss']:.4f} | "
                 f"rewards chosen {m['rewards/chosen']:.3f} rejected "
                 f"{m['rewards/rejected']:.3f} margin {m['rewards/margins']:.3f} "
                 f"acc {m['rewards/accuracies']:.3f} | lr {p.learning_rate:.2e} | "
@@ -90,6 +64,8 @@ def _report_validation(model, tokenizer, datasets, dpo, config, o) -> None:
 
 
 @click.command("dpo")
+@model_and_data_options("Directory with train.jsonl (and valid.jsonl) of preference pairs: "
+                        "{prompt or messages, chosen, rejected, system?}.")
 @click.option("--beta", default=0.1, show_default=True, type=float,
               help="KL strength of DPO (IPO's tau); higher keeps closer to the base model.")
 @click.option("--loss-type", type=click.Choice(["sigmoid", "ipo", "hinge"]), default="sigmoid",
@@ -101,6 +77,11 @@ def _report_validation(model, tokenizer, datasets, dpo, config, o) -> None:
                    "them (no reference forward pass per step).")
 @click.option("--ref-cache-dir", default=None, type=click.Path(file_okay=False),
               help="Directory of the reference cache (default: --adapter-path).")
+# DPO moves a tuned model a little; mlx-lm-lora and TRL's LoRA recipes use 1e-6..5e-5.
+@training_options(learning_rate=1e-5,
+                  iters_help="Optimizer steps to train for (0: only report the validation "
+                             "metrics of the adapters already in --adapter-path).",
+                  batch_size_help="Preference pairs per batch (2x as many sequences).")
 def dpo_command(beta, loss_type, label_smoothing, precompute_ref, ref_cache_dir,
                 **options) -> None:
     """Preference-tune LoRA adapters with Direct Preference Optimization.
@@ -141,8 +122,3 @@ def dpo_command(beta, loss_type, label_smoothing, precompute_ref, ref_cache_dir,
                   resume_adapter_file=o["resume_adapter_file"], overwrite=o["overwrite"],
                   callback=DPOProgressPrinter(live=sys.stdout.isatty()),
                   metadata=base_metadata(o))
-
-
-# --help lists --model and --data first, then the DPO options, then the LoRA/training ones.
-_lora_options = [_shared(p) for p in lora_command.params if p.name in SHARED_OPTIONS]
-dpo_command.params[:] = _lora_options[:2] + dpo_command.params + _lora_options[2:]

@@ -36,7 +36,7 @@ def fuse_command(model, adapter_path, save_path, dequantize, dtype, force) -> No
       qwen2-mlx fuse -m ./qwen2-7b-4bit --adapter-path adapters --save-path ./fused --dequantize
       qwen2-mlx generate --model fused_model --prompt "Hello"
     """
-    from qwen2_mlx.lora import fuse_model
+    from qwen2_mlx.convert import fuse_model
 
     try:
         out = fuse_model(model, adapter_path, save_path, dequantize=dequantize, dtype=dtype,

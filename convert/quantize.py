@@ -273,3 +273,13 @@ def quantize_model(
 def bits_per_weight(total_bytes: int, total_parameters: int) -> float:
     """Average stored bits per model parameter (scales, biases and float layers included)."""
     return 8 * total_bytes / max(total_parameters, 1)
+
+
+def quantize_base(model: nn.Module, bits: int = 4, group_size: int = 64) -> nn.Module:
+    """Quantize a loaded float model in place with the default recipe, for QLoRA (adapters
+    trained over a quantized base, against the weights `qwen2-mlx convert -q` would write; in
+    a Qwen2-MoE model the router and the shared-expert gate stay in float, by the model's own
+    `quant_predicate`). On MLX's CPU backend load the model in float32 first: the quantized
+    matmul runs much faster with float32 activations than with half-precision ones."""
+    quantize_model(model, {}, group_size=group_size, bits=bits)
+    return model

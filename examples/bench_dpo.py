@@ -31,7 +31,7 @@ from bench_lora import bench_config, step_recorder  # noqa: E402
 from qwen2_mlx.dpo import DPOConfig, PreferenceDataset, PreferencePair, train_dpo  # noqa: E402
 from qwen2_mlx.loader import load_config, load_model  # noqa: E402
 from qwen2_mlx.lora import LoRAConfig, apply_lora  # noqa: E402
-from qwen2_mlx.lora.data import Example  # noqa: E402
+from qwen2_mlx.train.data import Example  # noqa: E402
 
 
 def random_pairs(n: int, prompt_len: int, reply_len: int, vocab: int,

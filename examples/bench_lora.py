@@ -32,8 +32,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_generate import write_random_checkpoint  # noqa: E402
 
 from qwen2_mlx.loader import load_config, load_model  # noqa: E402
-from qwen2_mlx.lora import LoRAConfig, TrainingConfig, apply_lora, train  # noqa: E402
-from qwen2_mlx.lora.data import Dataset, Example  # noqa: E402
+from qwen2_mlx.lora import LoRAConfig, apply_lora  # noqa: E402
+from qwen2_mlx.train import TrainingConfig, train  # noqa: E402
+from qwen2_mlx.train.data import Example  # noqa: E402
+from qwen2_mlx.train.text_data import Dataset  # noqa: E402
 
 WARMUP_STEPS = 2
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -10,8 +10,9 @@ from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.generate import GenerationResponse, GenerationResult, generate, stream_generate
 from qwen2_mlx.loader import load
 from qwen2_mlx.model import Model
+from qwen2_mlx.output_parser import parse_tool_calls
 from qwen2_mlx.sampling import SamplingParams
-from qwen2_mlx.tools import ToolCall, parse_tool_calls
+from qwen2_mlx.tools import ToolCall
 from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 __all__ = [

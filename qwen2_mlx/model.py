@@ -175,10 +175,14 @@ class Model(nn.Module):
         h = self.model(input_ids, cache)
         if isinstance(cache, ModelCache):
             cache.add_tokens(input_ids)
+        return self.head(h)
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """Logits of final hidden states (..., D) -> (..., vocab): the LM head, or the tied
+        embedding when the config ties them (`as_linear` also works quantized)."""
         if self.config.tie_word_embeddings:
-            # as_linear also works for a quantized embedding.
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
 
     @property
     def layers(self) -> list[DecoderLayer]:

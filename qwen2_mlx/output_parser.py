@@ -154,3 +154,32 @@ class OutputParser:
             self._state = "content"
             if not self._buf and final:
                 return delta
+
+
+@dataclass
+class ParsedToolCalls:
+    """Generated text split into the answer text and the tool calls.
+
+    `text` is everything outside well-formed tool-call markup (malformed blocks are left in it
+    verbatim); `malformed` says whether there was such a block.
+    """
+
+    text: str
+    tool_calls: list[ToolCall]
+    malformed: bool = False
+
+
+def parse_tool_calls(text: str, format: str = "qwen") -> ParsedToolCalls:
+    """Find the tool calls in a model's complete output `text`.
+
+    `format` is "qwen" (Qwen2.5, QwQ, and most qwen2 fine-tunes) or "deepseek". Whitespace
+    between and after calls is part of the markup; text before and between them is kept.
+    """
+    if format not in TOOL_CALL_FORMATS:
+        raise ValueError(f"unknown tool-call format {format!r}; known: "
+                         f"{', '.join(TOOL_CALL_FORMATS)}")
+    # The streaming parser does the work, fed the whole text at once.
+    parser = OutputParser(tool_format=TOOL_CALL_FORMATS[format], detect_reasoning=False)
+    parser.feed(text)
+    parser.finish()
+    return ParsedToolCalls(parser.text, parser.tool_calls, parser.malformed)

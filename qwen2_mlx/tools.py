@@ -5,14 +5,15 @@ Qwen2.5 and QwQ write each call as
 template asks for); DeepSeek-R1's template uses its own markers, a
 ``<｜tool▁calls▁begin｜>`` list of ``type<｜tool▁sep｜>name`` + a ```json block each.
 
-    >>> from qwen2_mlx.tools import parse_tool_calls
+    >>> from qwen2_mlx.output_parser import parse_tool_calls
     >>> text = '<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>'
     >>> parsed = parse_tool_calls(text)
     >>> parsed.tool_calls[0].name, parsed.tool_calls[0].arguments
     ('f', {'x': 1})
 
-A block whose JSON is not a valid call is not an exception: it stays in the text, and the
-result's `malformed` flag is set.
+(`parse_tool_calls` lives beside the streaming `OutputParser`, which does the work and
+imports this module.) A block whose JSON is not a valid call is not an exception: it stays
+in the text, and the result's `malformed` flag is set.
 """
 
 from __future__ import annotations
@@ -119,32 +120,3 @@ TOOL_CALL_FORMATS = {
     "deepseek": ToolCallFormat("deepseek", DS_CALLS_BEGIN, DS_CALLS_END),
 }
 
-
-@dataclass
-class ParsedToolCalls:
-    """Generated text split into the answer text and the tool calls.
-
-    `text` is everything outside well-formed tool-call markup (malformed blocks are left in it
-    verbatim); `malformed` says whether there was such a block.
-    """
-
-    text: str
-    tool_calls: list[ToolCall]
-    malformed: bool = False
-
-
-def parse_tool_calls(text: str, format: str = "qwen") -> ParsedToolCalls:
-    """Find the tool calls in a model's complete output `text`.
-
-    `format` is "qwen" (Qwen2.5, QwQ, and most qwen2 fine-tunes) or "deepseek". Whitespace
-    between and after calls is part of the markup; text before and between them is kept.
-    """
-    from qwen2_mlx.output_parser import OutputParser  # the streaming parser does the work
-
-    if format not in TOOL_CALL_FORMATS:
-        raise ValueError(f"unknown tool-call format {format!r}; known: "
-                         f"{', '.join(TOOL_CALL_FORMATS)}")
-    parser = OutputParser(tool_format=TOOL_CALL_FORMATS[format], detect_reasoning=False)
-    parser.feed(text)
-    parser.finish()
-    return ParsedToolCalls(parser.text, parser.tool_calls, parser.malformed)

@@ -35,10 +35,11 @@ from qwen2_mlx.dpo import (
 from qwen2_mlx.dpo.data import PreferenceDataset, encode_pair, make_preference_batch
 from qwen2_mlx.dpo.loss import METRICS, metric_sums, metrics_dict
 from qwen2_mlx.loader import load_model
-from qwen2_mlx.lora import LoRAConfig, TrainingConfig, apply_lora, lora_layers
+from qwen2_mlx.lora import LoRAConfig, apply_lora, lora_layers
 from qwen2_mlx.lora.adapters import adapter_weights
-from qwen2_mlx.lora.data import BatchSchedule, Example, make_batch
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train import TrainingConfig
+from qwen2_mlx.train.data import BatchSchedule, Example, make_batch
 
 from conftest import load_torch_model
 from lora_tasks import LETTERS, last_letter_items, randomize_adapters

@@ -13,8 +13,8 @@ from qwen2_mlx.dpo.data import (
     load_preference_jsonl,
     make_preference_batch,
 )
-from qwen2_mlx.lora.data import BatchSchedule, DataFormatError, TruncationWarning
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train.data import BatchSchedule, DataFormatError, TruncationWarning
 
 from lora_tasks import write_jsonl
 

@@ -11,8 +11,8 @@ import mlx.core as mx
 import pytest
 
 from qwen2_mlx import load, save_cache
-from qwen2_mlx.convert import convert
-from qwen2_mlx.lora import LoRAConfig, apply_lora, fuse_adapters, save_adapter, save_model
+from qwen2_mlx.convert import convert, save_model
+from qwen2_mlx.lora import LoRAConfig, apply_lora, fuse_adapters, save_adapter
 
 
 @pytest.fixture

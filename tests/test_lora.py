@@ -20,22 +20,23 @@ from qwen2_mlx import generate, load
 from qwen2_mlx.loader import load_model
 from qwen2_mlx.lora import (
     LoRAConfig,
-    TrainingConfig,
-    TrainingDivergedError,
     adapters_disabled,
     apply_lora,
     fuse_adapters,
     load_adapter,
     lora_layers,
     save_adapter,
-    train,
 )
-from qwen2_mlx.lora.adapters import adapter_weights, state_file_for
-from qwen2_mlx.lora.data import Dataset, Example, encode_record, make_batch
-from qwen2_mlx.lora.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
+from qwen2_mlx.lora.adapters import adapter_weights
 from qwen2_mlx.lora.layers import LoRALinear, LoRASwitchLinear, lora_config_of
-from qwen2_mlx.lora.trainer import batch_loss_sum, trained_logits
 from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train import TrainingConfig, TrainingDivergedError, train
+from qwen2_mlx.train.checkpoint import state_file_for
+from qwen2_mlx.train.data import Example, make_batch
+from qwen2_mlx.train.finetune import batch_loss_sum
+from qwen2_mlx.train.grad_checkpoint import disable_grad_checkpoint, enable_grad_checkpoint
+from qwen2_mlx.train.logps import trained_logits
+from qwen2_mlx.train.text_data import Dataset, encode_record
 
 from conftest import load_torch_model
 from lora_tasks import last_letter_items, last_letter_record, randomize_adapters
@@ -239,7 +240,7 @@ def test_moe_fused_model_equals_adapter_model(moe_path, quantized):
     shared-expert gate in float and fuses de-quantized exactly."""
     model = loaded(moe_path)
     if quantized:
-        from qwen2_mlx.lora.quantize import quantize_base
+        from qwen2_mlx.convert.quantize import quantize_base
 
         quantize_base(model, bits=4, group_size=32)
         assert type(model.layers[0].mlp.gate) is nn.Linear

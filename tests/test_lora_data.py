@@ -6,18 +6,15 @@ import numpy as np
 import pytest
 
 from qwen2_mlx.chat import render_chat
-from qwen2_mlx.lora.data import (
+from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train.data import (
     BatchSchedule,
     DataFormatError,
-    Dataset,
     Example,
     TruncationWarning,
-    encode_record,
-    load_datasets,
-    load_jsonl,
     make_batch,
 )
-from qwen2_mlx.tokenizer import Qwen2Tokenizer
+from qwen2_mlx.train.text_data import Dataset, encode_record, load_datasets, load_jsonl
 
 from lora_tasks import write_jsonl
 

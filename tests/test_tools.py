@@ -8,7 +8,8 @@ import re
 import pytest
 
 from qwen2_mlx.chat_templates import recognize_chat_template
-from qwen2_mlx.tools import ToolCall, parse_tool_calls
+from qwen2_mlx.output_parser import parse_tool_calls
+from qwen2_mlx.tools import ToolCall
 
 from family_tokenizers import read_template
 

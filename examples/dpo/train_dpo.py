@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen2_mlx import generate, load
+from qwen2_mlx.convert import quantize_base
 from qwen2_mlx.dpo import (
     DPOConfig,
     evaluate_dpo,
@@ -34,8 +35,8 @@ from qwen2_mlx.dpo import (
     sequence_logps,
     train_dpo,
 )
-from qwen2_mlx.lora import LoRAConfig, TrainingConfig, adapters_disabled, apply_lora
-from qwen2_mlx.lora.quantize import quantize_base
+from qwen2_mlx.lora import LoRAConfig, adapters_disabled, apply_lora
+from qwen2_mlx.train import TrainingConfig
 
 DATA = Path(__file__).parent / "data"
 QUESTIONS = ["What is the capital of Canada?", "Who painted the Mona Lisa?"]  # valid.jsonl's

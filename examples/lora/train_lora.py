@@ -24,17 +24,9 @@ import math
 from pathlib import Path
 
 from qwen2_mlx import generate, load
-from qwen2_mlx.lora import (
-    LoRAConfig,
-    TrainingConfig,
-    adapters_disabled,
-    evaluate,
-    fuse_adapters,
-    load_datasets,
-    save_model,
-    train,
-)
-from qwen2_mlx.lora.quantize import quantize_base
+from qwen2_mlx.convert import quantize_base, save_model
+from qwen2_mlx.lora import LoRAConfig, adapters_disabled, fuse_adapters
+from qwen2_mlx.train import TrainingConfig, evaluate, load_datasets, train
 
 DATA = Path(__file__).parent / "data"
 QUESTIONS = [

@@ -2,7 +2,8 @@
 
     >>> from qwen2_mlx import load
     >>> from qwen2_mlx.dpo import DPOConfig, train_dpo
-    >>> from qwen2_mlx.lora import LoRAConfig, TrainingConfig
+    >>> from qwen2_mlx.lora import LoRAConfig
+    >>> from qwen2_mlx.train import TrainingConfig
     >>> model, tokenizer = load("Qwen/Qwen2-0.5B-Instruct")
     >>> train_dpo(model, tokenizer, "examples/dpo/data", adapter_path="dpo_adapters",
     ...           lora=LoRAConfig(rank=8, alpha=16), config=TrainingConfig(iters=100),

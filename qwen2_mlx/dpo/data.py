@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from qwen2_mlx.chat import IM_END, render_chat, validate_messages
-from qwen2_mlx.lora.data import (
+from qwen2_mlx.train.data import (
     Batch,
     DataFormatError,
     Example,

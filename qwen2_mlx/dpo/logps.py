@@ -2,7 +2,8 @@
 
 ``log pi(y|x) = sum_t log softmax(logits_t)[y_t]`` over the scored targets of each row only
 (the reply and its <|im_end|>; the prompt and the padding never enter). The output head runs
-on those positions alone (`trained_logits`), so no (rows, length, vocab) logits tensor exists.
+on those positions alone (`qwen2_mlx.train.logps`), so no (rows, length, vocab) logits tensor
+exists.
 
 The reference model is the same model with every adapter switched off (`adapters_disabled`):
 the base weights are shared, so DPO holds one copy of them, not two as mlx-lm-lora does.
@@ -16,22 +17,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.lora.data import Batch
 from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS, adapters_disabled, lora_layers
-from qwen2_mlx.lora.trainer import trained_logits
+from qwen2_mlx.train.data import Batch
+from qwen2_mlx.train.logps import token_logps
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> mx.array:
     """(rows,) float32: each row's summed log-probability of its scored targets."""
-    logits = trained_logits(model, batch.inputs, batch.positions).astype(mx.float32)
-    targets = batch.targets.reshape(-1)[batch.positions]
-    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    token_logps = picked - mx.logsumexp(logits, axis=-1)
     rows, width = batch.inputs.shape
     row_of = batch.positions // width
     # A (rows, N) 0/1 matrix sums the tokens of each row (differentiable, one matmul).
     membership = (mx.arange(rows)[:, None] == row_of[None, :]).astype(mx.float32)
-    return membership @ token_logps
+    return membership @ token_logps(model, batch)
 
 
 def check_reference_is_base(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -99,7 +100,7 @@ def metric_sums(pair: PairLosses, policy_chosen: mx.array,
     return mx.stop_gradient(mx.stack([c.astype(mx.float32).sum() for c in columns]))
 
 
-def metrics_dict(sums: mx.array, pairs: int) -> dict[str, float]:
+def metrics_dict(sums: mx.array | np.ndarray, pairs: int) -> dict[str, float]:
     """{metric name: mean over `pairs`} from accumulated `metric_sums`."""
     values = (sums / max(pairs, 1)).tolist()
     return dict(zip(METRICS, values, strict=True))

@@ -28,9 +28,9 @@ from mlx.utils import tree_flatten
 from qwen2_mlx.dpo.data import PreferenceDataset, make_preference_batch
 from qwen2_mlx.dpo.logps import reference_logps
 from qwen2_mlx.files import atomic_save_safetensors
-from qwen2_mlx.lora.adapters import REUSABLE_PREFIX
-from qwen2_mlx.lora.data import BatchSchedule
 from qwen2_mlx.lora.layers import ADAPTER_PARAMETERS
+from qwen2_mlx.train.checkpoint import REUSABLE_PREFIX
+from qwen2_mlx.train.data import BatchSchedule
 
 CACHE_FORMAT = 1
 CACHE_PREFIX = REUSABLE_PREFIX  # kept by a new run into the same adapter directory

@@ -1,6 +1,6 @@
-"""The DPO training loop: `train_dpo(model, tokenizer, data, ...)`.
+"""DPO training: `train_dpo(model, tokenizer, data, ...)`, the DPO objective on the training loop.
 
-It trains LoRA adapters with the LoRA trainer's loop, `run_training` (optimizer and schedule,
+It trains LoRA adapters with `qwen2_mlx.train`'s `run_training` (optimizer and schedule,
 batch order, gradient accumulation, clipping, NaN stop, checkpoints and exact resume), given a
 `DPOObjective`: a DPO loss instead of cross-entropy. The loss of a step is the mean of the
 per-pair losses over all its pairs; with gradient accumulation the per-pair sums of the
@@ -37,19 +37,11 @@ from qwen2_mlx.dpo.loss import (
     metrics_dict,
 )
 from qwen2_mlx.dpo.reference import precompute_reference_logps
-from qwen2_mlx.lora.adapters import prepare_adapter_dir
-from qwen2_mlx.lora.data import BatchSchedule
 from qwen2_mlx.lora.layers import LoRAConfig
-from qwen2_mlx.lora.trainer import (
-    MicroStep,
-    Objective,
-    TrainingConfig,
-    TrainingProgress,
-    TrainingResult,
-    prepare_adapters,
-    run_training,
-    start_training,
-)
+from qwen2_mlx.train.checkpoint import prepare_adapter_dir, prepare_adapters, start_training
+from qwen2_mlx.train.config import TrainingConfig, TrainingProgress, TrainingResult
+from qwen2_mlx.train.evaluate import evaluate_batches
+from qwen2_mlx.train.loop import MicroStep, Objective, run_training
 
 
 @dataclass
@@ -125,22 +117,15 @@ def evaluate_dpo(model: nn.Module, dataset: PreferenceDataset, dpo: DPOConfig | 
     """Mean DPO metrics (`METRICS`) over `dataset` (first `max_batches` length-sorted batches;
     -1: all), with dropout off. Uses the dataset's precomputed reference log-probs if any."""
     dpo = dpo or DPOConfig()
-    was_training = model.training
-    model.eval()
-    try:
-        plan = BatchSchedule(dataset, min(batch_size, len(dataset)), shuffle=False,
-                             pad_id=pad_id)
-        n = len(plan) if max_batches < 0 else min(max_batches, len(plan))
-        sums, pairs = mx.zeros(len(METRICS)), 0
-        for i in range(n):
-            batch = make_preference_batch(dataset, plan.indices(i), pad_id)
-            ref_chosen, ref_rejected = _reference_for(model, dataset, batch)
-            _, batch_sums = batch_dpo_loss(model, batch, ref_chosen, ref_rejected, dpo)
-            sums = sums + batch_sums
-            mx.eval(sums)
-            pairs += batch.size
-    finally:
-        model.train(was_training)
+
+    def score(indices):
+        batch = make_preference_batch(dataset, indices, pad_id)
+        ref_chosen, ref_rejected = _reference_for(model, dataset, batch)
+        _, sums = batch_dpo_loss(model, batch, ref_chosen, ref_rejected, dpo)
+        return sums, batch.size
+
+    sums, pairs = evaluate_batches(model, dataset, score, batch_size=batch_size,
+                                   max_batches=max_batches, pad_id=pad_id)
     return metrics_dict(sums, pairs)
 
 

@@ -1,24 +1,20 @@
-"""LoRA / DoRA / QLoRA fine-tuning of Qwen2 models with MLX.
+"""LoRA / DoRA adapters for Qwen2 models in MLX: the layers, the adapter files, merging.
 
     >>> from qwen2_mlx import load
-    >>> from qwen2_mlx.lora import LoRAConfig, TrainingConfig, train
+    >>> from qwen2_mlx.lora import LoRAConfig, apply_lora, load_adapter
     >>> model, tokenizer = load("Qwen/Qwen2-0.5B-Instruct")
-    >>> train(model, tokenizer, "data/", adapter_path="adapters",
-    ...       lora=LoRAConfig(rank=8, alpha=16), config=TrainingConfig(iters=600))
+    >>> apply_lora(model, LoRAConfig(rank=8, alpha=16))     # fresh adapters, to train
+    >>> load_adapter(model, "adapters")                     # or trained ones, to use
 
-`load_adapter(model, path)` adds a trained adapter to a loaded model, `adapters_disabled(model)`
-turns all adapters off for a reference pass, and `fuse_adapters` / `fuse_model` merge them.
+`adapters_disabled(model)` turns all adapters off for a reference pass and `fuse_adapters`
+merges them into the weights. Training them is `qwen2_mlx.train` (fine-tuning) and
+`qwen2_mlx.dpo` (preference tuning); writing a fused model is `qwen2_mlx.convert.fuse_model`.
+Nothing here imports the loader, the converter or the trainers, so `load(adapter_path=...)`
+pulls in only these modules.
 """
 
 from qwen2_mlx.lora.adapters import load_adapter, save_adapter
-from qwen2_mlx.lora.data import (
-    DataFormatError,
-    Dataset,
-    TruncationWarning,
-    load_datasets,
-    load_jsonl,
-)
-from qwen2_mlx.lora.fuse import fuse_adapters, fuse_model, save_model
+from qwen2_mlx.lora.fuse import fuse_adapters
 from qwen2_mlx.lora.layers import (
     LoRAConfig,
     LoRALinear,
@@ -28,37 +24,16 @@ from qwen2_mlx.lora.layers import (
     remove_lora,
     trainable_parameter_count,
 )
-from qwen2_mlx.lora.trainer import (
-    TrainingConfig,
-    TrainingDivergedError,
-    TrainingProgress,
-    TrainingResult,
-    evaluate,
-    train,
-)
 
 __all__ = [
-    "DataFormatError",
-    "Dataset",
     "LoRAConfig",
     "LoRALinear",
-    "TrainingConfig",
-    "TrainingDivergedError",
-    "TrainingProgress",
-    "TrainingResult",
-    "TruncationWarning",
     "adapters_disabled",
     "apply_lora",
-    "evaluate",
     "fuse_adapters",
-    "fuse_model",
     "load_adapter",
-    "load_datasets",
-    "load_jsonl",
     "lora_layers",
     "remove_lora",
     "save_adapter",
-    "save_model",
     "trainable_parameter_count",
-    "train",
 ]

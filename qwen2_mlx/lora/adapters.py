@@ -6,8 +6,8 @@ dropout and the adapted module keys), so adapters trained here load in mlx-lm an
 round. What mlx-lm does not know (alpha, the target names given, the training settings) sits
 under a "qwen2_mlx" key.
 
-Training checkpoints add `training_state.safetensors` (optimizer state) next to the adapter
-file; both carry the step in their metadata so a torn pair is detected on resume.
+Training checkpoints (`qwen2_mlx.train.checkpoint`) add `training_state.safetensors` (optimizer
+state) next to the adapter file; both carry the step in their metadata.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from qwen2_mlx.errors import HintedError
 from qwen2_mlx.files import atomic_save_safetensors, atomic_write_json
 from qwen2_mlx.lora.layers import (
     ADAPTER_PARAMETERS,
@@ -34,70 +32,7 @@ from qwen2_mlx.lora.layers import (
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
-STATE_SUFFIX = "training_state.safetensors"
 FORMAT_VERSION = 1
-# Files a new run into an adapter directory may find and keep: DPO's cached reference
-# log-probs, keyed by the data and base weights (reusable by any run on them).
-REUSABLE_PREFIX = "reference_logps_"
-
-
-class AdapterDirectoryError(HintedError):
-    """An adapter directory a training run may not write into (in use, a file, unwritable)."""
-
-
-def _is_adapter_output(name: str) -> bool:
-    return name == CONFIG_FILE or name.endswith((ADAPTER_FILE, STATE_SUFFIX))
-
-
-def prepare_adapter_dir(adapter_path: str | os.PathLike, *, resuming: bool = False,
-                        overwrite: bool = False, create: bool = True) -> Path:
-    """Create (or, with `create=False`, only check) the output directory of a training run,
-    before its first step.
-
-    A path that is a file, lies under a file, or cannot be written is an error now, not after
-    the run. A directory that already holds files (an earlier run's adapters) is refused,
-    so retraining never silently replaces adapters, unless the run resumes from a checkpoint
-    (`resuming`) or `overwrite` is given: then the earlier run's adapter files (adapters,
-    config, training states, numbered checkpoints) are removed and other files are kept.
-    """
-    path = Path(adapter_path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise AdapterDirectoryError(f"the adapter path {path} is a file; adapters are written "
-                                    "to a directory")
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise AdapterDirectoryError(f"cannot create the adapter directory {path}: {existing} "
-                                    "is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise AdapterDirectoryError(f"cannot write the adapter directory {path}: {existing} "
-                                    "is not writable")
-    if existing != path and not path.exists():
-        if not create:
-            return path
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise AdapterDirectoryError(f"cannot create the adapter directory {path}: "
-                                        f"{e.strerror or e}") from e
-    present = sorted(p.name for p in path.iterdir() if not p.name.startswith(REUSABLE_PREFIX))
-    if not present or resuming:
-        return path
-    if not overwrite:
-        shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
-        problem = f"the adapter directory {path} already holds {shown}"
-        raise AdapterDirectoryError(
-            problem,
-            api_hint="; resume it (resume_adapter_file=...), replace its adapters "
-                     "(overwrite=True) or choose another adapter_path",
-            cli_hint=f"; continue that run with --resume-adapter-file {path / ADAPTER_FILE}, "
-                     "replace its adapters with --overwrite, or choose another --adapter-path")
-    if create:
-        for name in present:
-            if _is_adapter_output(name) and (path / name).is_file():
-                (path / name).unlink()
-    return path
-
-
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
     """The adapter tensors of `model` by their full names (lora_a, lora_b, DoRA's m)."""
     out = {}
@@ -283,30 +218,3 @@ def load_adapter(model: nn.Module, adapter_path: str | os.PathLike) -> nn.Module
         raise
     model.eval()
     return model
-
-
-def state_file_for(adapter_file: Path) -> Path:
-    """training_state file paired with an adapter file: adapters.safetensors ->
-    training_state.safetensors, 0000100_adapters.safetensors -> 0000100_training_state..."""
-    adapter_file = Path(adapter_file)
-    name = adapter_file.name
-    if name.endswith(ADAPTER_FILE):
-        return adapter_file.with_name(name[: -len(ADAPTER_FILE)] + STATE_SUFFIX)
-    return adapter_file.with_name(adapter_file.stem + "." + STATE_SUFFIX)
-
-
-def save_training_state(path: Path, optimizer_state: dict, step: int) -> None:
-    arrays = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer_state)}
-    atomic_save_safetensors(path, arrays, {"step": str(step)})
-
-
-def load_training_state(path: Path) -> tuple[dict[str, mx.array], int]:
-    """(flat optimizer state without the 'optimizer.' prefix, step)."""
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception as e:
-        raise ValueError(f"cannot read training state {path}: {e}") from e
-    if "step" not in metadata:
-        raise ValueError(f"{path} has no step in its metadata; it is not a training state")
-    flat = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
-    return flat, int(metadata["step"])
