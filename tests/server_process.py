@@ -100,15 +100,19 @@ class Reply:
         return json.loads(self.content)
 
 
-def request(url: str, method: str, path: str, *, body: bytes | dict | None = None,
+def request(url: str, method: str, path: str, *, body=None,
             headers: dict | None = None, timeout: float = REQUEST_TIMEOUT) -> Reply:
-    """One raw HTTP request to the server (stdlib only), for what the openai client hides."""
+    """One raw HTTP request to the server (stdlib only), for what the openai client hides.
+    `body`: bytes, a dict (sent as JSON) or an iterator of bytes (sent chunked, with no
+    Content-Length)."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
     if isinstance(body, dict):
         body = json.dumps(body).encode()
+    chunked = body is not None and not isinstance(body, bytes)  # an iterator of bytes
     try:
-        connection.request(method, path, body=body, headers=headers or {})
+        connection.request(method, path, body=body, headers=headers or {},
+                           encode_chunked=chunked)
         response = connection.getresponse()
         return Reply(response, response.read())
     finally:

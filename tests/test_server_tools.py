@@ -80,6 +80,9 @@ def test_forced_tool_choice(client, tool_choice):
     (call,) = response.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == CALL["arguments"]
+    free = client.chat.completions.create(model="scripted", messages=ASK, tools=TOOLS,
+                                          max_tokens=1)
+    assert response.usage.prompt_tokens > free.usage.prompt_tokens  # the opening is prompt
 
 
 def test_tool_choice_none_parses_no_call(client):

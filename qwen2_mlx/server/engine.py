@@ -157,6 +157,7 @@ class Engine:
         self._prompts: deque[_Prompt] = deque()
         self._active: list[_Sequence] = []
         self._batch: BatchCache | None = None
+        self._steps = 0
         self.model = self.tokenizer = None
         self.prefix_cache = PrefixCache(settings.prompt_cache_bytes)
 
@@ -185,8 +186,8 @@ class Engine:
         self._inbox.put(None)  # wake an idle engine
 
     def drain(self, timeout: float) -> None:
-        """Take no new jobs; refuse those not started; let running ones finish for up to
-        `timeout` seconds, then end them (finish_reason "length")."""
+        """Take no new jobs; refuse those waiting to start (503); let running ones finish for
+        up to `timeout` seconds, then end them (finish_reason "length")."""
         with self._lock:
             self._draining = True
             self._drain_deadline = time.monotonic() + timeout
@@ -374,6 +375,9 @@ class Engine:
         logits = logits[:, -1, :].astype(mx.float32)
         self.metrics.decode_steps += 1
         self.metrics.decode_rows += len(self._active)
+        self._steps += 1
+        if self._steps % 256 == 0:
+            mx.clear_cache()  # return freed buffers now and then, as generate_step does
         tokens = self._sample(self._active, logits)
         events = [self._accept(seq, token, logprob)
                   for seq, (token, logprob) in zip(self._active, tokens, strict=True)]
@@ -492,24 +496,24 @@ class Engine:
             self._keep(keep)
 
     def _refuse_waiting(self) -> None:
-        for job in list(self._waiting):
-            job.emit(JobError(503, "the server is shutting down", "server_error",
-                              "service_unavailable"))
+        """Answer the jobs that have not started with 503 (shutting down)."""
+        for job in self._waiting:
+            job.emit(_shutting_down())
         with self._lock:
             self._queued -= len(self._waiting)
         self._waiting.clear()
-        for prompt in self._prompts:
-            prompt.job.emit(JobError(503, "the server is shutting down", "server_error",
-                                     "service_unavailable"))
-        self._prompts.clear()
 
     def _end_all(self, reason: str) -> None:
-        """End every active sequence now (a shutdown deadline)."""
+        """The shutdown deadline: end every active sequence now (`reason`), and refuse the
+        prompts still prefilling."""
         for seq in self._active:
             delta = seq.stream.finish(reason)
             self._emit(seq, ChoiceEvent(seq.choice, delta.text, delta.reasoning,
                                         delta.tool_calls, [], delta.finish_reason))
         self._active, self._batch = [], None
+        for job in {p.job for p in self._prompts}:
+            job.emit(_shutting_down())
+        self._prompts.clear()
 
     def _fail_all(self, message: str) -> None:
         jobs = {seq.job for seq in self._active} | {p.job for p in self._prompts}
@@ -517,6 +521,10 @@ class Engine:
             job.emit(JobError(500, message))
         self._active, self._batch = [], None
         self._prompts.clear()
+
+
+def _shutting_down() -> JobError:
+    return JobError(503, "the server is shutting down", "server_error", "service_unavailable")
 
 
 def _merge(first: TextDelta, then: TextDelta) -> TextDelta:
