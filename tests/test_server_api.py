@@ -321,3 +321,33 @@ def test_a_flood_of_bad_requests_does_not_stall_generation(server, client):
     assert time.monotonic() - tic < 4  # answered at once, not behind the generation
     finish = [c.choices[0].finish_reason for c in stream if c.choices]
     assert finish[-1] == "length"
+
+
+def test_response_format_json_schema_is_enforced_per_request(client):
+    """A random model writes valid JSON of the schema when asked, while a request without a
+    format, decoded in the same batch, stays free text."""
+    pytest.importorskip("qwen2_mlx.structured")
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+              "properties": {"city": {"type": "string", "maxLength": 6},
+                             "days": {"type": "integer", "minimum": 1, "maximum": 9}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema}}
+
+    def ask(i):
+        kwargs = {"response_format": fmt} if i % 2 == 0 else {}
+        return chat(client, f"Plan trip {i}", max_tokens=60, logit_bias=None,
+                    **kwargs).choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        choices = list(pool.map(ask, range(4)))
+    for i, choice in enumerate(choices):
+        if i % 2 == 0:
+            value = json.loads(choice.message.content)
+            assert set(value) == {"city", "days"} and 1 <= value["days"] <= 9
+            assert choice.finish_reason == "stop"
+        else:
+            with pytest.raises(json.JSONDecodeError):
+                json.loads(choice.message.content)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "x", response_format={"type": "json_schema", "json_schema": {"schema": 5}})
+    assert e.value.body["param"] == "response_format"

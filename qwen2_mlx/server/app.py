@@ -294,18 +294,21 @@ class _Handlers:
                 event = await events.get()
                 if isinstance(event, ChoiceEvent):
                     output.add(event)
-                elif isinstance(event, JobDone):
+                    continue
+                job.finished = True
+                if isinstance(event, JobDone):
                     output.done = event
                     return JSONResponse(output.response())
-                elif isinstance(event, JobError):
-                    return APIError(event.status, event.message, type=event.type,
-                                    code=event.code).response()
+                return APIError(event.status, event.message, type=event.type,
+                                code=event.code).response()
 
-        response = await _unless_disconnected(request.receive, collect())
-        job.finished = True
-        if response is None:  # the client went away
-            self.engine.cancel(job)
-            response = Response(status_code=499)
+        try:
+            response = await _unless_disconnected(request.receive, collect())
+        finally:
+            if not job.finished:  # the client went away, or the server cancelled the handler
+                self.engine.cancel(job)
+        if response is None:
+            response = Response(status_code=499)  # nobody will read it
         self.engine.metrics.count_request(endpoint, response.status_code)
         return response
 
@@ -352,19 +355,27 @@ async def _wait_for_disconnect(receive) -> None:
 
 
 async def _unless_disconnected(receive, work):
-    """Run `work` (a coroutine) unless the client disconnects first (then None)."""
+    """Run `work` (a coroutine) unless the client disconnects first (then None). Whatever
+    ends it (the client, or this handler being cancelled), `work` has stopped on return."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await _stop(task)
+        raise
     finally:
         watcher.cancel()
     if task in done:
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _stop(task)
     return None
+
+
+async def _stop(task: asyncio.Future) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 class EventStream:

@@ -367,6 +367,13 @@ class Engine:
 
     # --- decoding
     def _decode_step(self) -> None:
+        """One token for every active sequence: a (B, 1) forward pass over the batch, or,
+        for a lone sequence, over its own cache exactly as `generate` decodes.
+
+        The lone path is the seam for speculative decoding (`--draft-model`, issue 15): the
+        rule to build there is "draft only while one sequence is active and nothing waits
+        to be prefilled"; when another sequence joins, the lone cache (trimmed to prompt +
+        generated[:-1]) joins the batch as it does now and the draft cache is dropped."""
         inputs = mx.array([[seq.next_input] for seq in self._active])
         if self._batch is None:
             logits = self.model.forward(inputs, cache=self._active[0].cache)
