@@ -1,7 +1,8 @@
 """`qwen2-mlx serve` as a subprocess on 127.0.0.1 and a free port, for the server tests.
 
 The process is always ended (SIGTERM, then SIGKILL) when the `with` block or fixture ends,
-and every client call has a timeout, so a failing test never leaves a server behind or hangs.
+and must then exit 0; every client call has a timeout, so a failing test never leaves a
+server behind or hangs.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        # SIGTERM is a clean shutdown: anything but 0 (an abort at exit) is a failure.
+        assert self.process.returncode == 0, f"the server exited with {self.process.returncode}"
 
 
 class Reply:

@@ -231,19 +231,21 @@ def test_prefix_cache_second_turn_and_shared_system_prompt(server, client):
 
 
 def test_disconnect_mid_stream_frees_the_sequence(server, client):
+    """Five times (a race that loses a cancellation shows on some rounds only)."""
     before = metric(http(server, "GET", "/metrics").text, "cancelled_sequences_total")
-    stream = chat(client, "Go on forever", max_tokens=3000, stream=True)
-    for i, _ in enumerate(stream):
-        if i == 3:
-            break
-    assert metric(http(server, "GET", "/metrics").text, "active_sequences") == 1
-    stream.close()
-    closed = time.monotonic()
-    assert wait_until(lambda: metric(http(server, "GET", "/metrics").text,
-                                     "active_sequences") == 0, timeout=1.0)
-    assert time.monotonic() - closed < 1.0
+    for _ in range(5):
+        stream = chat(client, "Go on forever", max_tokens=3000, stream=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        assert metric(http(server, "GET", "/metrics").text, "active_sequences") == 1
+        stream.close()
+        closed = time.monotonic()
+        assert wait_until(lambda: metric(http(server, "GET", "/metrics").text,
+                                         "active_sequences") == 0, timeout=1.0)
+        assert time.monotonic() - closed < 1.0
     text = http(server, "GET", "/metrics").text
-    assert metric(text, "cancelled_sequences_total") == before + 1
+    assert metric(text, "cancelled_sequences_total") == before + 5
 
 
 def test_non_streaming_disconnect_cancels_too(server):

@@ -274,11 +274,16 @@ class _Handlers:
                     raise _too_large(limit)
             return bytes(body)
 
+        reader = asyncio.ensure_future(read())
         try:
-            return await asyncio.wait_for(read(), self.config.body_timeout)
-        except asyncio.TimeoutError:
+            done, _ = await asyncio.wait({reader}, timeout=self.config.body_timeout)
+        finally:
+            if not reader.done():
+                reader.cancel()
+        if reader not in done:
             raise APIError(408, f"the request body did not arrive within "
-                           f"{self.config.body_timeout:g} s") from None
+                           f"{self.config.body_timeout:g} s")
+        return reader.result()
 
     def _closer(self, job: Job) -> Callable[[], None]:
         def close() -> None:
@@ -302,11 +307,14 @@ class _Handlers:
                 return APIError(event.status, event.message, type=event.type,
                                 code=event.code).response()
 
-        try:
-            response = await _unless_disconnected(request.receive, collect())
-        finally:
-            if not job.finished:  # the client went away, or the server cancelled the handler
+        def cancel() -> None:  # the client went away, or the server cancelled the handler
+            if not job.finished:
                 self.engine.cancel(job)
+
+        try:
+            response = await _unless_disconnected(request.receive, collect(), cancel)
+        finally:
+            cancel()
         if response is None:
             response = Response(status_code=499)  # nobody will read it
         self.engine.metrics.count_request(endpoint, response.status_code)
@@ -315,9 +323,8 @@ class _Handlers:
     async def _stream(self, job: Job, events: asyncio.Queue, output) -> AsyncIterator[str]:
         """The SSE stream: chunks, keep-alive comments, usage, an error chunk, [DONE]."""
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), self.config.keepalive_seconds)
-            except asyncio.TimeoutError:
+            event = await _next_event(events, self.config.keepalive_seconds)
+            if event is None:
                 yield ": keep-alive\n\n"
                 continue
             if isinstance(event, ChoiceEvent):
@@ -354,20 +361,37 @@ async def _wait_for_disconnect(receive) -> None:
             return
 
 
-async def _unless_disconnected(receive, work):
-    """Run `work` (a coroutine) unless the client disconnects first (then None). Whatever
-    ends it (the client, or this handler being cancelled), `work` has stopped on return."""
+async def _next_event(events: asyncio.Queue, timeout: float):
+    """The next event, or None when `timeout` seconds pass first.
+
+    Not `asyncio.wait_for`: before Python 3.12 it can swallow a cancellation that arrives as
+    the item does, and a stream whose client left would then run on to its end."""
+    getter = asyncio.ensure_future(events.get())
+    try:
+        done, _ = await asyncio.wait({getter}, timeout=timeout)
+    finally:
+        if not getter.done():
+            getter.cancel()  # a cancelled Queue.get leaves the item in the queue
+    return getter.result() if getter in done else None
+
+
+async def _unless_disconnected(receive, work, on_disconnect: Callable[[], None]):
+    """Run `work` (a coroutine) unless the client disconnects first: then call
+    `on_disconnect` at once and return None. Whatever ends it (the client, or this handler
+    being cancelled), `work` has stopped on return."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
+        on_disconnect()
         await _stop(task)
         raise
     finally:
         watcher.cancel()
     if task in done:
         return task.result()
+    on_disconnect()
     await _stop(task)
     return None
 
@@ -397,7 +421,7 @@ class EventStream:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         try:
-            await _unless_disconnected(receive, stream())
+            await _unless_disconnected(receive, stream(), self.on_close)
         except OSError:  # the connection broke mid-write
             pass
         finally:

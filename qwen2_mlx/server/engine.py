@@ -229,28 +229,36 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
-        self._stream = mx.new_thread_local_stream(mx.default_device())
-        with mx.stream(self._stream):
-            try:
-                self.model, self.tokenizer = self._load()
-                cache = self.model.make_cache(kv_bits=self.settings.kv_bits)
-                self._kv_group = getattr(cache[0], "group_size", 64)
-                self._batched = self.model.layers[0].self_attn.mode == "standard"
-                self._use_prefix_cache = self._batched and self.settings.prompt_cache_bytes > 0
-            except BaseException as e:  # reported by start() in the caller's thread
-                self._load_error = e
-                self._ready.set()
-                return
+        try:
+            with mx.stream(mx.new_thread_local_stream(mx.default_device())):
+                self._serve()
+        finally:
+            # MLX needs a thread's streams destroyed by that thread before it ends, or the
+            # process can abort at exit ("terminate called without an active exception").
+            mx.clear_streams()
+
+    def _serve(self) -> None:
+        """Load the model, then run steps until stopped (on the engine thread)."""
+        try:
+            self.model, self.tokenizer = self._load()
+            cache = self.model.make_cache(kv_bits=self.settings.kv_bits)
+            self._kv_group = getattr(cache[0], "group_size", 64)
+            self._batched = self.model.layers[0].self_attn.mode == "standard"
+            self._use_prefix_cache = self._batched and self.settings.prompt_cache_bytes > 0
+        except BaseException as e:  # reported by start() in the caller's thread
+            self._load_error = e
             self._ready.set()
-            while True:
-                self._take_inbox(block=not self._has_work())
-                if self._stopped.is_set() and not self._has_work():
-                    break
-                try:
-                    self._step()
-                except Exception as e:  # a failed step fails its jobs, never the server
-                    traceback.print_exc(file=sys.stderr)
-                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+            return
+        self._ready.set()
+        while True:
+            self._take_inbox(block=not self._has_work())
+            if self._stopped.is_set() and not self._has_work():
+                break
+            try:
+                self._step()
+            except Exception as e:  # a failed step fails its jobs, never the server
+                traceback.print_exc(file=sys.stderr)
+                self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
     def _has_work(self) -> bool:
         return bool(self._active or self._prompts or self._waiting)
