@@ -109,7 +109,8 @@ def generate_step(
                 "file without them): the repetition penalty sees only the tokens of this "
                 "call. Use model.make_cache() (a ModelCache) to carry them.",
                 RuntimeWarning, stacklevel=2)
-        history = mx.array(earlier + prompt_ids, dtype=mx.int32)
+        # The processors read only the last repetition_context_size ids of the history.
+        history = mx.array(window + prompt_ids, dtype=mx.int32)
     forward = getattr(model, "forward", model)  # ids were checked above
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
