@@ -177,10 +177,23 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def conversation_ttft(server: Server, tokens: int) -> tuple[float, float]:
-    """TTFT of a second turn (with, without a prefix-cache hit) after a `tokens`-long turn."""
-    system = " ".join(WORDS[i % len(WORDS)] for i in range(tokens))
-    turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "Summarise."}]
+def first_turn(model: Path, tokens: int) -> list[dict]:
+    """A first chat turn (a long system prompt and a question) of about `tokens` tokens."""
+    from qwen2_mlx.tokenizer import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer.from_pretrained(model)
+    words = []
+    while True:
+        turn = [{"role": "system", "content": " ".join(words)},
+                {"role": "user", "content": "Summarise."}]
+        if len(tokenizer.apply_chat_template(turn)) >= tokens:
+            return turn
+        words += [WORDS[(len(words) + i) % len(WORDS)] for i in range(16)]
+
+
+def conversation_ttft(server: Server, turn1: list[dict]) -> tuple[float, float]:
+    """TTFT of a second turn after `turn1`: with a prefix-cache hit, and without."""
+    system = turn1[0]["content"]
     model = "default_model" if server.engine == "mlx-lm" else None
     first = json.loads(request(server.port, "POST", "/v1/chat/completions", {
         "model": model, "messages": turn1, "max_tokens": 4, "temperature": 0.0})[1])
@@ -201,13 +214,14 @@ def main() -> None:
                         help="a checkpoint directory with its tokenizer, instead of a random "
                              "preset (one dtype: as stored)")
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8],
+                        help="client counts to measure (none: only the conversation)")
     parser.add_argument("--prompt-words", type=int, default=24,
                         help="words per prompt (about 1.2 tokens each)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--conversation-tokens", type=int, default=0,
-                        help="also time a second chat turn after a first of about this many "
+                        help="also time a second chat turn after a first turn of this many "
                              "tokens (0: skip)")
     parser.add_argument("--engines", nargs="+", default=["qwen2-mlx", "mlx-lm"])
     args = parser.parse_args()
@@ -241,8 +255,9 @@ def main() -> None:
                             "rows_per_step": statistics.median(
                                 r.get("rows_per_step", float("nan")) for r in results)})
                 if args.conversation_tokens:
+                    turn1 = first_turn(model, args.conversation_tokens)
                     for engine in args.engines:
-                        hit, miss = conversation_ttft(servers[engine], args.conversation_tokens)
+                        hit, miss = conversation_ttft(servers[engine], turn1)
                         print(f"{dtype} {engine} second-turn TTFT after "
                               f"{args.conversation_tokens} tokens: hit {hit:.2f} s, "
                               f"miss {miss:.2f} s ({miss / hit:.1f}x)", flush=True)
