@@ -215,3 +215,26 @@ def test_queue_limit(checkpoint):
         engine.cancel(waiting)
     finally:
         engine.stop()
+
+
+def test_dual_chunk_attention_models_decode_one_at_a_time_like_generate(checkpoint_factory):
+    """DCA is not batched: two requests run one after the other, each exactly as `generate`
+    runs it (the length temperature taken from the whole prompt, prefilled in chunks)."""
+    path = checkpoint_factory(max_position_embeddings=64)
+
+    def load_dca():
+        return load(path, dca=True, chunk_size=32, local_size=4)  # context 128
+
+    model, tokenizer = load_dca()
+    engine = Engine(load_dca, EngineSettings(prefill_step_size=8))
+    engine.start()
+    try:
+        assert engine.max_choices == 1
+        ps = prompts((100, 90), seed=9)
+        outs = wait(*(submit(engine, p, max_tokens=8)[1] for p in ps))
+        for p, out in zip(ps, outs, strict=True):
+            assert out.text[0] == generate(model, tokenizer, p, max_tokens=8,
+                                           prefill_step_size=8)
+        assert engine.metrics.decode_rows == engine.metrics.decode_steps  # never batched
+    finally:
+        engine.stop()

@@ -332,6 +332,9 @@ class Engine:
             self.metrics.cached_tokens += match.tokens
         for layer in prompt.cache:
             layer.reserve(len(prompt.ids) + 256)
+            # DCA takes its length temperature from the whole prompt, however it is chunked
+            # (as generate_step sets it).
+            layer.prompt_length = len(prompt.ids)
         self.metrics.prompt_cache_lookups += 1
 
     def _finish_prompt(self, prompt: _Prompt) -> None:
