@@ -113,6 +113,8 @@ def test_completions_text_ids_echo_and_stream(client, reference):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=10, stream=True, **GREEDY))
     assert streamed == a.choices[0].text
+    default = client.completions.create(model=MODEL, prompt="Once", logit_bias=NO_EOS, **GREEDY)
+    assert default.usage.completion_tokens == 16  # OpenAI's default for completions
 
 
 def test_n_and_seed(client):

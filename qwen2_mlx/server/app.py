@@ -50,6 +50,8 @@ from qwen2_mlx.server.protocol import (
 )
 from qwen2_mlx.server.responses import ChatOutput, CompletionOutput
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
 
 @dataclass
 class ServerConfig:
@@ -61,7 +63,8 @@ class ServerConfig:
     max_body_bytes: larger request bodies get 413.
     body_timeout: seconds a client may take to send its body (then 408).
     keepalive_seconds: SSE comment interval while a stream has nothing to send.
-    default_max_tokens: a request's limit when it gives none (None: the rest of the context).
+    default_max_tokens: a request's limit when it gives none (None: the rest of the context
+        for chat, 16 tokens for completions, as OpenAI).
     processor_factories: functions of the request (a dict) returning a logits processor or
         None, applied to each choice: a hook for applications that embed the server.
     """
@@ -251,8 +254,10 @@ class _Handlers:
                 raise APIError(400, "best_of must equal n (no server-side ranking)",
                                param="best_of", code="unsupported_value")
             prompts = completion_prompts(req, info)
+            # OpenAI's default for (legacy) completions is 16 tokens; chat runs to the end.
             settings = choice_settings(req, prompts, info, logprobs=req.logprobs,
-                                       max_tokens=req.max_tokens)
+                                       max_tokens=req.max_tokens or self.config
+                                       .default_max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
             echo = ([info.tokenizer.decode(p) for p in prompts for _ in range(req.n)]
                     if req.echo else None)
             output = CompletionOutput(self.config.model_id, len(prompts) * req.n,
