@@ -59,8 +59,8 @@ class ByteSize(click.ParamType):
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Store KV caches quantized (8 bits halves their memory).")
 @click.option("--max-tokens", type=click.IntRange(1), default=None,
-              help="Tokens per answer when a request sets no max_tokens (default: up to "
-                   "the context end).")
+              help="Tokens per answer when a request sets no max_tokens (default: chat up "
+                   "to the context end, completions 16, as OpenAI).")
 @click.option("--max-body-bytes", default="4MiB", show_default=True, type=ByteSize(),
               help="Larger request bodies get 413.")
 @click.option("--keepalive", default=10.0, show_default=True, type=click.FloatRange(0.05),
