@@ -43,7 +43,8 @@ class ByteSize(click.ParamType):
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0 picks a free one and prints it).")
 @click.option("--api-key", envvar=API_KEY_ENV, default=None,
-              help=f"Require 'Authorization: Bearer KEY' (also read from ${API_KEY_ENV}).")
+              help=f"Require 'Authorization: Bearer KEY'. Prefer ${API_KEY_ENV}: a key on "
+                   "the command line shows in `ps`.")
 @click.option("--cors-origin", "cors_origins", multiple=True,
               help="Allow browser calls from this origin (repeatable; '*' for any). "
                    "Default: no CORS headers.")
