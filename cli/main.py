@@ -12,6 +12,7 @@ from qwen2_mlx.cli.dpo_command import dpo_command
 from qwen2_mlx.cli.fuse_command import fuse_command
 from qwen2_mlx.cli.generate_command import generate_command
 from qwen2_mlx.cli.lora_command import lora_command
+from qwen2_mlx.cli.serve_command import serve_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +28,7 @@ def cli() -> None:
       qwen2-mlx convert --hf-path Qwen/Qwen2-7B-Instruct --mlx-path qwen2-7b-4bit -q
       qwen2-mlx lora --model qwen2-7b-4bit --data ./my_data --iters 200
       qwen2-mlx dpo --model Qwen/Qwen2-0.5B-Instruct --data ./prefs --beta 0.1
+      qwen2-mlx serve --model Qwen/Qwen2-0.5B-Instruct --api-key secret
       qwen2-mlx COMMAND --help
     """
 
@@ -37,6 +39,7 @@ cli.add_command(lora_command)
 cli.add_command(dpo_command)
 cli.add_command(fuse_command)
 cli.add_command(convert_command)
+cli.add_command(serve_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

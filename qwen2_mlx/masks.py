@@ -5,10 +5,10 @@ causal mask for full-attention layers and, when some layer slides, the sliding-w
 the model hands each layer the one it needs. Queries are the last tokens of the sequence
 (bottom-right aligned), as in chunked prefill and decode against a cache.
 
-This is the one place masks are made, so it is the seam for batched generation: a batch of
-left-padded rows whose cache knows each row's padding would AND that padding mask (keys of a
-row's own padding are hidden from its queries) into both masks here, and every layer would
-follow. (Single sequences have no padding; nothing is built for it yet.)
+This is the one place masks are made, so it is the seam for batched generation: a cache of
+left-padded rows (`qwen2_mlx.batch_cache.BatchKVCache`) builds the masks itself, through its
+`attention_masks(n_queries, sliding_window)`, ANDing each row's padding (keys a row's queries
+must not see) into both masks, and every layer follows. Single sequences have no padding.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def create_attention_masks(hidden: mx.array, cache, sliding_window: int | None =
     """The masks of a forward pass of `hidden` (B, L, D) after what `cache` (the first
     layer's, or None) holds; `sliding_window` is the window of the sliding layers, if any."""
     n_queries = hidden.shape[1]
+    batch_masks = getattr(cache, "attention_masks", None)
+    if batch_masks is not None:  # a batch of left-padded rows hides each row's padding
+        return batch_masks(n_queries, sliding_window)
     n_keys = (cache.offset if cache is not None else 0) + n_queries
-    # Batched, left-padded caches will add their padding mask here (see the module docstring).
     full = attention_mask(n_queries, n_keys, None)
     sliding = attention_mask(n_queries, n_keys, sliding_window) if sliding_window else None
     return AttentionMasks(full, sliding)

@@ -178,6 +178,7 @@ def parse_tool_calls(text: str, format: str = "qwen") -> ParsedToolCalls:
     if format not in TOOL_CALL_FORMATS:
         raise ValueError(f"unknown tool-call format {format!r}; known: "
                          f"{', '.join(TOOL_CALL_FORMATS)}")
+    # The streaming parser does the work, fed the whole text at once.
     parser = OutputParser(tool_format=TOOL_CALL_FORMATS[format], detect_reasoning=False)
     parser.feed(text)
     parser.finish()

@@ -12,8 +12,9 @@ template asks for); DeepSeek-R1's template uses its own markers, a
     >>> parsed.tool_calls[0].name, parsed.tool_calls[0].arguments
     ('f', {'x': 1})
 
-A block whose JSON is not a valid call is not an exception: it stays in the text, and the
-result's `malformed` flag is set.
+(`parse_tool_calls` lives beside the streaming `OutputParser`, which does the work and
+imports this module.) A block whose JSON is not a valid call is not an exception: it stays
+in the text, and the result's `malformed` flag is set.
 """
 
 from __future__ import annotations
