@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from qwen2_mlx.cache import KVCache
+from qwen2_mlx.prefill import prefill
 from qwen2_mlx.sampling import (
     SamplingParams,
     apply_logits_processors,
@@ -54,17 +55,7 @@ def generate_step(
     attention matrix larger than step x length. Decoding queues step t+1 with
     `mx.async_eval` before it hands out token t, so graph building overlaps compute.
     """
-    if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-    if prompt.size == 0:
-        raise ValueError("the prompt is empty: give at least one token")
     cache = cache if cache is not None else model.make_cache()
-    for layer_cache in cache:
-        # DCA takes its length temperature from the whole prompt, even when prefilled in
-        # steps; and one allocation for prompt + (most of the) output suffices.
-        total = layer_cache.offset + prompt.size
-        layer_cache.prompt_length = total
-        layer_cache.reserve(total + min(max_tokens, 1024))
     sampler = make_sampler(sampling)
     processors = make_logits_processors(sampling)
     history = prompt.astype(mx.int32)
@@ -81,14 +72,8 @@ def generate_step(
         return token, logprobs[0]
 
     # Prefill all but the last prompt token; that one produces the first logits.
-    while prompt.size > 1:
-        n = min(prefill_step_size, prompt.size - 1)
-        model(prompt[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[n:]
-        mx.clear_cache()
-
-    token, logprobs = step(prompt)
+    last = prefill(model, prompt, cache, step_size=prefill_step_size, room=max_tokens)
+    token, logprobs = step(last)
     mx.async_eval(token, logprobs)
     n = 0
     while n < max_tokens:
