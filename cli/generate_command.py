@@ -47,12 +47,20 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
               help="Static YaRN RoPE scaling by this factor (e.g. 4 for 32K -> 128K).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Store the KV cache quantized (8 bits halves its memory).")
+@click.option("--draft-model", default=None,
+              help="Speculative decoding: a small model with the same tokenizer drafts tokens "
+                   "the model checks (directory or Hub repo id; same --dtype).")
+@click.option("--num-draft-tokens", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Most tokens drafted per round (adapted down when few are accepted).")
+@click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Speculative decoding without a draft model: draft what followed the last "
+                   "n-gram (n up to N) earlier in the prompt and output. 0: off.")
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
-                     verbose) -> None:
+                     draft_model, num_draft_tokens, prompt_lookup, verbose) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     \b
@@ -63,6 +71,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m ./base-model --no-chat -p "Once upon a time" --max-tokens 64
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --dca --kv-bits 8 --prompt - < book.txt
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --yarn-factor 4 --prompt - < long.txt
+      qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --draft-model Qwen/Qwen2-0.5B-Instruct -v
+      qwen2-mlx generate -m ./qwen2-7b-4bit --prompt-lookup 3 --prompt - < edit_request.txt
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
@@ -75,6 +85,18 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
                                     yarn_factor=yarn_factor)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
+    speculative = {"num_draft_tokens": num_draft_tokens, "prompt_lookup": prompt_lookup}
+    if draft_model is not None:
+        if prompt_lookup:
+            raise click.UsageError("choose one drafter: --draft-model or --prompt-lookup")
+        from qwen2_mlx.speculative import check_draft_model, check_draft_tokenizer
+
+        try:
+            speculative["draft_model"], draft_tokenizer = load(draft_model, dtype=dtype)
+            check_draft_tokenizer(tokenizer, draft_tokenizer)
+            check_draft_model(mlx_model, speculative["draft_model"], tokenizer)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"draft model: {e}") from e
 
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -91,7 +113,7 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
             stop=list(stop), prefill_step_size=prefill_step_size,
             repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, **sampling,
+            kv_bits=int(kv_bits) if kv_bits else None, **sampling, **speculative,
         ):
             click.echo(last.text, nl=False)
     except ValueError as e:

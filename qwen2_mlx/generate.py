@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from qwen2_mlx.sampling import (
     make_logits_processors,
     make_sampler,
 )
+from qwen2_mlx.speculative import SpeculativeStats, check_draft_model, speculative_generate_step
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -38,6 +40,8 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None = None
+    from_draft: bool = False  # speculative decoding: drafted and accepted
+    speculative: SpeculativeStats | None = None  # speculative decoding: counts so far
 
 
 def generate_step(
@@ -128,6 +132,10 @@ def stream_generate(
     prefill_step_size: int = 512,
     cache: list[KVCache] | None = None,
     kv_bits: int | None = None,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    prompt_lookup: int = 0,
+    draft_cache: list[KVCache] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -141,6 +149,10 @@ def stream_generate(
         prefill_step_size: prompt tokens processed per forward pass.
         cache: per-layer caches to continue from (e.g. a saved prompt cache).
         kv_bits: store a new KV cache quantized to this many bits (8 halves its memory).
+        draft_model, num_draft_tokens, prompt_lookup, draft_cache: speculative decoding (see
+            `qwen2_mlx.speculative`): a draft model sharing the tokenizer, or prompt lookup
+            with n-grams up to `prompt_lookup`, proposes up to `num_draft_tokens` per target
+            pass; the output is distributed exactly as without it.
 
     Generation stops at any of `tokenizer.eos_token_ids` (not printed), a stop string,
     `max_tokens`, or the model's context length.
@@ -175,16 +187,29 @@ def stream_generate(
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
+    prompt_ids = mx.array(ids, dtype=mx.uint32)
+    stats = None
+    if draft_model is not None or prompt_lookup:
+        if draft_model is not None:
+            check_draft_model(model, draft_model, tokenizer)
+            if draft_cache is None:
+                draft_cache = draft_model.make_cache(kv_bits=kv_bits)
+        stats = SpeculativeStats()
+        steps = speculative_generate_step(
+            prompt_ids, model, sampling=sampling, draft_model=draft_model,
+            prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens, cache=cache,
+            draft_cache=draft_cache, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+            stats=stats)
+    else:
+        steps = ((token, logprobs, False) for token, logprobs in generate_step(
+            prompt_ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
+            prefill_step_size=prefill_step_size))
 
     tic = time.perf_counter()
     prompt_tps = 0.0
     pending = ""  # decoded text not yet handed out (may begin a stop string)
     n = 0
-    for n, (token, logprobs) in enumerate(
-        generate_step(mx.array(ids, dtype=mx.uint32), model, sampling=sampling, cache=cache,
-                      max_tokens=max_tokens, prefill_step_size=prefill_step_size),
-        start=1,
-    ):
+    for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
             prompt_tps = len(ids) / prompt_time
@@ -218,6 +243,8 @@ def stream_generate(
             generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            from_draft=from_draft,
+            speculative=dataclasses.replace(stats) if stats is not None else None,
         )
         if finish is not None:
             return
@@ -247,4 +274,4 @@ def format_stats(response: GenerationResponse) -> str:
         f"Generation: {response.generation_tokens} tokens, "
         f"{response.generation_tps:.3f} tokens-per-sec\n"
         f"Peak memory: {response.peak_memory:.3f} GB"
-    )
+    ) + (f"\n{response.speculative.summary()}" if response.speculative is not None else "")
