@@ -255,6 +255,36 @@ class _Processing:
         return mx.stack(masks)
 
 
+# --- the caches --------------------------------------------------------------------------------
+
+# Every write, trim and read of cached ids in this module goes through these three (and
+# `prefill.prefill`), so that core's ModelCache, which carries the ids it holds, needs
+# changes here only.
+
+
+def _forward(model, ids: mx.array, cache: list[KVCache]) -> mx.array:
+    """Feed 1-D `ids` through `model` into `cache`; returns their logits (L, vocab)."""
+    return model(ids[None], cache=cache)[0]
+
+
+def _trim(cache: list[KVCache], n: int) -> None:
+    # Core's ModelCache (hardening issue): `cache.trim(n)` trims every layer and the token ids
+    # the cache carries; a plain list of layer caches is trimmed layer by layer.
+    if n <= 0:
+        return
+    if hasattr(cache, "trim"):
+        cache.trim(n)
+    else:
+        for layer_cache in cache:
+            layer_cache.trim(n)
+
+
+def _cached_tokens(cache: list[KVCache]) -> list[int]:
+    # The ids a cache says it holds (core's ModelCache.tokens); [] for a plain list, whose
+    # positions before the prompt are then unknown to the drafter and the penalty.
+    return [int(t) for t in getattr(cache, "tokens", None) or []]
+
+
 # --- drafters ---------------------------------------------------------------------------------
 
 
@@ -344,7 +374,7 @@ class _ModelDrafter:
         probs: list[mx.array] = []
         host: list[int] = []
         for i in range(k):
-            logits = self.model(x[None], cache=self.cache)[0, -1:]
+            logits = _forward(self.model, x, self.cache)[-1:]
             so_far = mx.concatenate(drafted) if drafted else None
             _, scores = processing(logits, tokens, so_far, host, first=i)
             if processing.sampling.greedy:
@@ -377,7 +407,7 @@ class _ModelDrafter:
             _trim(self.cache, self.held - wanted)
             self.held = wanted
         elif self.held < wanted and self.base + wanted <= self.window:
-            self.model(self._ids(tokens[self.start + self.held:])[None], cache=self.cache)
+            _forward(self.model, self._ids(tokens[self.start + self.held:]), self.cache)
             mx.eval([c.state for c in self.cache])
             self.held = wanted
 
@@ -426,24 +456,6 @@ class DraftLength:
 
 
 # --- the generation loop -----------------------------------------------------------------------
-
-
-def _trim(cache: list[KVCache], n: int) -> None:
-    # Core's ModelCache (hardening issue): `cache.trim(n)` trims every layer and the token ids
-    # the cache carries; a plain list of layer caches is trimmed layer by layer.
-    if n <= 0:
-        return
-    if hasattr(cache, "trim"):
-        cache.trim(n)
-    else:
-        for layer_cache in cache:
-            layer_cache.trim(n)
-
-
-def _cached_tokens(cache: list[KVCache]) -> list[int]:
-    # The ids a cache says it holds (core's ModelCache.tokens); [] for a plain list, whose
-    # positions before the prompt are then unknown to the drafter and the penalty.
-    return [int(t) for t in getattr(cache, "tokens", None) or []]
 
 
 class _Keys:
@@ -538,7 +550,7 @@ def speculative_generate_step(
         if held > len(tokens):
             _trim(cache, held - len(tokens))
         elif held == len(tokens) - 1:
-            model(mx.array(tokens[-1:], dtype=mx.uint32)[None], cache=cache)
+            _forward(model, mx.array(tokens[-1:], dtype=mx.uint32), cache)
             mx.eval([c.state for c in cache])
         if drafter is not None:
             drafter.settle(tokens)
@@ -558,7 +570,7 @@ def speculative_generate_step(
             if token_mask is not None and len(drafted_ids) < k:
                 drafted_ids = drafted.tolist()
             x = mx.concatenate([mx.array(tokens[-1:], dtype=mx.uint32), drafted.astype(mx.uint32)])
-            logits = model(x[None], cache=cache)[0]
+            logits = _forward(model, x, cache)
             logprobs, scores = processing(logits, tokens, drafted, drafted_ids)
             if sampling.greedy:
                 accepted, token = verify_greedy(mx.argmax(scores, axis=-1), drafted)
