@@ -26,6 +26,7 @@ BLAS is compute-bound), so wall-clock gains here are far below tokens per pass; 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -170,40 +171,47 @@ def main() -> None:
     print("| eps | temp | engine | acceptance | tokens / target pass | tok/s | vs plain |")
     print("|---|---|---|---|---|---|---|")
     for eps in args.eps:
-        with tempfile.TemporaryDirectory() as tmp:
-            target_path, draft_path = build_pair(args.preset, layers, args.draft_layers, eps,
-                                                 args.logit_scale, Path(tmp))
-            target, draft = load_model(target_path), load_model(draft_path)
-            vocab = target.config.vocab_size
-            prompt = mx.array([(i * 7919) % (vocab - 300) for i in range(args.prompt_tokens)],
-                              dtype=mx.uint32)
-            lm_pair = None
-            if not args.no_mlx_lm:
-                from mlx_lm.utils import load_model as lm_load_model
+        # One pair at a time: the 0.5B-shape pair is ~4 GB in float32 per engine.
+        measure(args, eps, layers)
+        gc.collect()
+        mx.clear_cache()
 
-                lm_pair = lm_load_model(target_path)[0], lm_load_model(draft_path)[0]
-            engines = make_engines(target, draft, lm_pair, prompt, k)
-            for temp in args.temps:
-                for engine in engines.values():
-                    engine(temp, 0, k + 2)  # warm-up (also compiles the samplers)
-            for temp in args.temps:
-                times: dict[str, list[float]] = {name: [] for name in engines}
-                counts = {name: [0, 0, 0] for name in engines}
-                for run in range(args.runs):  # alternate engines run by run
-                    for name, engine in engines.items():
-                        elapsed, (drafted, accepted, passes) = engine(temp, run, n)
-                        times[name].append(elapsed)
-                        for i, v in enumerate((drafted, accepted, passes)):
-                            counts[name][i] += v
-                plain = statistics.median(times["plain"])
-                for name in engines:
-                    drafted, accepted, passes = counts[name]
-                    median = statistics.median(times[name])
-                    acceptance = f"{accepted / drafted:.1%}" if drafted else "-"
-                    print(f"| {eps} | {temp} | {name} | {acceptance} | "
-                          f"{n * args.runs / passes:.2f} | {n / median:.2f} | "
-                          f"{plain / median:.2f}x |", flush=True)
 
+def measure(args, eps: float, layers: int) -> None:
+    """Build the pair for `eps`, run every engine at every temperature, print the rows."""
+    k, n = args.num_draft_tokens, args.gen_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        target_path, draft_path = build_pair(args.preset, layers, args.draft_layers, eps,
+                                             args.logit_scale, Path(tmp))
+        target, draft = load_model(target_path), load_model(draft_path)
+        vocab = target.config.vocab_size
+        prompt = mx.array([(i * 7919) % (vocab - 300) for i in range(args.prompt_tokens)],
+                          dtype=mx.uint32)
+        lm_pair = None
+        if not args.no_mlx_lm:
+            from mlx_lm.utils import load_model as lm_load_model
+
+            lm_pair = lm_load_model(target_path)[0], lm_load_model(draft_path)[0]
+        engines = make_engines(target, draft, lm_pair, prompt, k)
+        for temp in args.temps:
+            for engine in engines.values():
+                engine(temp, 0, k + 2)  # warm-up (also compiles the samplers)
+            times: dict[str, list[float]] = {name: [] for name in engines}
+            counts = {name: [0, 0, 0] for name in engines}
+            for run in range(args.runs):  # alternate engines run by run
+                for name, engine in engines.items():
+                    elapsed, (drafted, accepted, passes) = engine(temp, run, n)
+                    times[name].append(elapsed)
+                    for i, v in enumerate((drafted, accepted, passes)):
+                        counts[name][i] += v
+            plain = statistics.median(times["plain"])
+            for name in engines:
+                drafted, accepted, passes = counts[name]
+                median = statistics.median(times[name])
+                acceptance = f"{accepted / drafted:.1%}" if drafted else "-"
+                print(f"| {eps} | {temp} | {name} | {acceptance} | "
+                      f"{n * args.runs / passes:.2f} | {n / median:.2f} | "
+                      f"{plain / median:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -178,6 +178,16 @@ def verify_greedy(target_argmax: mx.array, drafted: mx.array) -> tuple[mx.array,
     return n, target_argmax[n]
 
 
+def _verify(sampling: SamplingParams, scores: mx.array, q: mx.array | None, drafted: mx.array,
+            key: mx.array | None) -> tuple[mx.array, mx.array]:
+    """(drafted tokens accepted, the token after them) for one round's target scores."""
+    if sampling.greedy:
+        return verify_greedy(mx.argmax(scores, axis=-1), drafted)
+    if drafted.size == 0:  # nothing drafted: a plain sampling step
+        return mx.array(0), mx.random.categorical(scores[0], key=key)
+    return verify_sampled(mx.softmax(scores, axis=-1), q, drafted, key=key)
+
+
 # --- the processed distribution, per position ------------------------------------------------
 
 
@@ -572,15 +582,8 @@ def speculative_generate_step(
             x = mx.concatenate([mx.array(tokens[-1:], dtype=mx.uint32), drafted.astype(mx.uint32)])
             logits = _forward(model, x, cache)
             logprobs, scores = processing(logits, tokens, drafted, drafted_ids)
-            if sampling.greedy:
-                accepted, token = verify_greedy(mx.argmax(scores, axis=-1), drafted)
-            elif k == 0:
-                accepted = mx.array(0)
-                token = mx.random.categorical(scores[0], key=round_keys[k])
-            else:
-                accepted, token = verify_sampled(
-                    mx.softmax(scores, axis=-1), q, drafted, key=round_keys[k])
-            mx.eval(accepted, token, drafted)
+            accepted, token = _verify(sampling, scores, q, drafted, round_keys[k])
+            mx.eval(accepted, token, drafted)  # the round's one host sync
             accepted = accepted.item()
             new = drafted.tolist()[:accepted] + [token.item()]
 
