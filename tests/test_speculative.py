@@ -176,7 +176,7 @@ def test_invalid_speculative_arguments(kwargs, message):
 SMALL_VOCAB = 16
 SMALL_PROMPT = [3, 7, 3, 7, 11, 3]
 LOOKUP_PROMPT = [7, 6, 6, 6, 7, 6]  # "7 6" recurs: prompt lookup drafts "6 6" after it
-N_SAMPLES = 1500
+N_SAMPLES = 1000
 ALPHA = 1e-3  # a correct sampler fails one G-test with probability 1e-3 (for fresh seeds)
 SETTINGS = {
     # name: (drafter, prompt, sampling)
@@ -303,23 +303,22 @@ class MemoModel:
     def __init__(self, model):
         self.model = model
         self.config = model.config
-        self._memo: dict[tuple[int, ...], mx.array] = {}
+        self._memo: dict[tuple[tuple[int, ...], int], mx.array] = {}
 
     def make_cache(self, kv_bits=None):
         return [_SequenceCache()]
 
     def __call__(self, x: mx.array, cache):
-        new = [int(t) for t in np.array(x[0])]
+        new = x[0].tolist()
         context = cache[0].tokens
-        sequence = tuple(context + new)
-        if sequence not in self._memo:
-            logits = self.model(mx.array([sequence]))[0]
+        key = (tuple(context + new), len(new))
+        if key not in self._memo:
+            # Logits of the last len(new) positions of one full forward pass.
+            logits = self.model(mx.array([key[0]]))[:, -len(new):]
             mx.eval(logits)
-            for i in range(len(sequence)):
-                self._memo.setdefault(sequence[: i + 1], logits[i])
+            self._memo[key] = logits
         context.extend(new)
-        return mx.stack([self._memo[sequence[: len(sequence) - len(new) + i + 1]]
-                         for i in range(len(new))])[None]
+        return self._memo[key]
 
 
 def speculative_samples(small_pair, drafter: str, prompt, sampling: dict, n: int = N_SAMPLES):
@@ -384,7 +383,7 @@ def test_memo_model_is_a_faithful_stand_in(small_pair):
     """With real KV caches the same seeds give the same samples as through MemoModel."""
     target, draft = small_pair
     memo_target, memo_draft = MemoModel(target), MemoModel(draft)
-    for seed in range(12):
+    for seed in range(8):
         for sampling in (dict(temperature=1.0), dict(temperature=0.7, top_p=0.9)):
             sampling = {**sampling, "seed": seed}
             real = speculative_run(target, SMALL_PROMPT, 8, draft_model=draft,
