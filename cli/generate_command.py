@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from qwen2_mlx.cli.draft_options import draft_flags, load_drafter
 from qwen2_mlx.cli.errors import click_error
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
@@ -70,12 +71,14 @@ def generation_flags(command):
               help="Static YaRN RoPE scaling by this factor (e.g. 4 for 32K -> 128K).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Store the KV cache quantized (8 bits halves its memory).")
+@draft_flags
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
-                     verbose, tools_file, hide_reasoning) -> None:
+                     draft_model, num_draft_tokens, prompt_lookup, verbose, tools_file,
+                     hide_reasoning) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     A reasoning model's thinking shows dimmed on a terminal, and between <think> and </think>
@@ -91,6 +94,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --yarn-factor 4 --prompt - < long.txt
       qwen2-mlx generate -m Qwen/QwQ-32B -p "Is 1001 prime?" --hide-reasoning
       qwen2-mlx generate -m Qwen/Qwen2.5-7B-Instruct -p "Weather in Oslo?" --tools tools.json
+      qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --draft-model Qwen/Qwen2-0.5B-Instruct -v
+      qwen2-mlx generate -m ./qwen2-7b-4bit --prompt-lookup 3 --prompt - < edit_request.txt
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
@@ -104,6 +109,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
                                     yarn_factor=yarn_factor)
     except (OSError, ValueError) as e:
         raise click_error(e) from e
+    speculative = load_drafter(mlx_model, tokenizer, draft_model, num_draft_tokens,
+                               prompt_lookup, dtype)
 
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -123,7 +130,7 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
             stop=list(stop), prefill_step_size=prefill_step_size,
             repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, tools=tools, **sampling,
+            kv_bits=int(kv_bits) if kv_bits else None, tools=tools, **sampling, **speculative,
         ):
             click.echo(show(last.reasoning, last.text), nl=False)
     except ValueError as e:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -14,18 +15,18 @@ import mlx.core as mx
 from qwen2_mlx.cache import UNKNOWN_TOKEN, KVCache, ModelCache
 from qwen2_mlx.errors import HintedError
 from qwen2_mlx.output_parser import OutputParser
+from qwen2_mlx.prefill import PromptProgress, prefill, prepare_cache
 from qwen2_mlx.sampling import (
     SamplingParams,
     apply_logits_processors,
     make_logits_processors,
     make_sampler,
 )
+from qwen2_mlx.speculative import SpeculativeStats, check_draft_model, speculative_generate_step
 from qwen2_mlx.tools import ToolCall
 from qwen2_mlx.validation import TokenIdError, check_token_ids
 
 Prompt = str | Sequence[int] | Sequence[dict]
-# Called after each prefill step with (prompt tokens done, prompt tokens in all).
-PromptProgress = Callable[[int, int], None]
 
 
 class ContextLengthError(HintedError):
@@ -61,6 +62,8 @@ class GenerationResponse:
     full_text: str | None = None
     reasoning_text: str | None = None
     malformed_tool_call: bool = False
+    from_draft: bool = False  # speculative decoding: drafted and accepted
+    speculative: SpeculativeStats | None = None  # speculative decoding: counts so far
 
 
 def generate_step(
@@ -106,12 +109,7 @@ def generate_step(
     prompt = mx.array(prompt_ids, dtype=mx.uint32)
     cache = ModelCache.wrap(cache) if cache is not None else model.make_cache()
     start = cache.offset
-    for layer_cache in cache:
-        # DCA takes its length temperature from the whole prompt, even when prefilled in
-        # steps; and one allocation for prompt + (most of the) output suffices.
-        total = layer_cache.offset + prompt.size
-        layer_cache.prompt_length = total
-        layer_cache.reserve(total + min(max_tokens, 1024))
+    prepare_cache(cache, prompt.size, room=max_tokens)
     sampler = make_sampler(sampling)
     processors = make_logits_processors(sampling)
     history = None
@@ -176,35 +174,6 @@ def generate_step(
         except Exception:
             if failure is None or isinstance(failure, GeneratorExit):
                 raise  # else the step's own exception is the one to report
-
-
-def prefill(model, cache: ModelCache, ids: mx.array, *, step_size: int = 512, cancel=None,
-            progress: PromptProgress | None = None, total: int | None = None) -> bool:
-    """Write the keys and values of `ids` (1-D, already checked) into `cache`, `step_size`
-    tokens per forward pass, without computing logits.
-
-    Before each step it stops if `cancel.is_set()` (returns False; the steps done so far stay
-    in the cache); after each it calls `progress(done, total)` (`total` defaults to the
-    length of `ids`). Returns True when every id is in the cache. Nothing is left lazy (see
-    `generate_step`).
-    """
-    forward = getattr(model, "forward", model)  # the ids were checked by the caller
-    total = ids.size if total is None else total
-    done = 0
-    try:
-        while done < ids.size:
-            if _is_set(cancel):
-                return False
-            n = min(step_size, ids.size - done)
-            forward(ids[done:done + n][None], cache=cache)
-            mx.eval([c.state for c in cache])
-            done += n
-            mx.clear_cache()
-            if progress is not None:
-                progress(done, total)
-        return True
-    finally:
-        _ = cache.tokens  # the ids of the steps, read on this thread
 
 
 def check_cancel(cancel) -> None:
@@ -299,6 +268,10 @@ def stream_generate(
     tools: Sequence[dict] | None = None,
     cancel=None,
     prompt_progress: PromptProgress | None = None,
+    draft_model=None,
+    num_draft_tokens: int = 4,
+    prompt_lookup: int = 0,
+    draft_cache: list[KVCache] | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -323,6 +296,10 @@ def stream_generate(
             cache is left as it was.
         prompt_progress: called as `prompt_progress(done, total)` after each prefill step
             (a progress bar for a long prompt).
+        draft_model, num_draft_tokens, prompt_lookup, draft_cache: speculative decoding (see
+            `qwen2_mlx.speculative`): a draft model sharing the tokenizer, or prompt lookup
+            with n-grams up to `prompt_lookup`, proposes up to `num_draft_tokens` per target
+            pass; the output is distributed exactly as without it.
 
     A string prompt is used as it is: no chat template is applied (the CLI's `--chat`, its
     default, templates the prompt; pass chat messages here for the same):
@@ -376,19 +353,34 @@ def stream_generate(
     # The end of what the model reads before its output (a cached prompt counts): a prompt
     # that opened <think> starts the output in reasoning.
     tail = [t for t in cache.tokens[-8:] if t != UNKNOWN_TOKEN] + ids[-8:]
-    steps = generate_step(ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
-                          prefill_step_size=prefill_step_size, cancel=cancel,
-                          prompt_progress=prompt_progress)
+    stats = None
+    if draft_model is not None or prompt_lookup:
+        if draft_model is not None:
+            check_draft_model(model, draft_model, tokenizer)
+            if draft_cache is None:
+                draft_cache = draft_model.make_cache(kv_bits=kv_bits)
+        stats = SpeculativeStats()
+        steps = speculative_generate_step(
+            mx.array(ids, dtype=mx.uint32), model, sampling=sampling, draft_model=draft_model,
+            prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens, cache=cache,
+            draft_cache=draft_cache, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+            stats=stats, cancel=cancel, prompt_progress=prompt_progress)
+    else:
+        steps = generate_step(ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
+                              prefill_step_size=prefill_step_size, cancel=cancel,
+                              prompt_progress=prompt_progress)
     try:
-        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, tail)
+        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, tail, stats)
     finally:
         steps.close()  # settles the cache now, not whenever the generator is collected
 
 
 def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: int,
-               tools: Sequence[dict] | None, tail: list[int]) -> Iterator[GenerationResponse]:
-    """The GenerationResponses of `steps` (generate_step's tokens): text, stops, speeds.
-    `tail` is the end of what the model read before its output (cached tokens included)."""
+               tools: Sequence[dict] | None, tail: list[int],
+               stats: SpeculativeStats | None = None) -> Iterator[GenerationResponse]:
+    """The GenerationResponses of `steps` (generate_step's `(token, logprobs)` or the
+    speculative `(token, logprobs, from_draft)`): text, stops, speeds. `tail` is the end of
+    what the model read before its output (cached tokens included)."""
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
     parser = OutputParser.for_prompt(tokenizer, tail, tools)
@@ -398,7 +390,7 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
     pending = ""  # decoded text not yet handed out (may begin a stop string)
 
     def respond(text: str, token: int | None, logprob: float, n: int,
-                finish: str | None) -> GenerationResponse:
+                finish: str | None, from_draft: bool = False) -> GenerationResponse:
         parsed = parser.feed(text)
         final = {}
         if finish is not None:
@@ -419,11 +411,14 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
             generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            from_draft=from_draft,
+            speculative=dataclasses.replace(stats) if stats is not None else None,
             **final,
         )
 
     n = 0
-    for n, (token, logprobs) in enumerate(steps, start=1):
+    # Plain steps are (token, logprobs); speculative ones add from_draft.
+    for n, (token, logprobs, *drafted) in enumerate(steps, start=1):
         if n == 1:
             prompt_time = time.perf_counter() - tic
             prompt_tps = len(ids) / prompt_time
@@ -446,7 +441,7 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        yield respond(text, token, logprobs[token].item(), n, finish)
+        yield respond(text, token, logprobs[token].item(), n, finish, bool(drafted and drafted[0]))
         if finish is not None:
             return
     # The steps ended before a finish: `cancel` was set (generate_step checks it before each
@@ -504,4 +499,4 @@ def format_stats(response: GenerationResponse) -> str:
         f"Generation: {response.generation_tokens} tokens, "
         f"{response.generation_tps:.3f} tokens-per-sec\n"
         f"Peak memory: {response.peak_memory:.3f} GB"
-    )
+    ) + (f"\n{response.speculative.summary()}" if response.speculative is not None else "")
