@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from qwen2_mlx.cache import KVCache
 from qwen2_mlx.sampling import (
+    LogitsProcessor,
     SamplingParams,
     apply_logits_processors,
     make_logits_processors,
@@ -37,6 +38,9 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None = None
+    # With a response_format: True on the last response when the text does not complete the
+    # format (max_tokens or a stop string came first).
+    incomplete: bool = False
 
 
 def generate_step(
@@ -47,12 +51,14 @@ def generate_step(
     cache: list[KVCache] | None = None,
     max_tokens: int = 256,
     prefill_step_size: int = 512,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs)` for up to `max_tokens` new tokens after `prompt` (1-D ids).
 
     The prompt is prefilled in steps of `prefill_step_size` tokens so no step builds an
     attention matrix larger than step x length. Decoding queues step t+1 with
     `mx.async_eval` before it hands out token t, so graph building overlaps compute.
+    `logits_processors` run after the sampling ones (repetition penalty), before sampling.
     """
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
@@ -66,7 +72,7 @@ def generate_step(
         layer_cache.prompt_length = total
         layer_cache.reserve(total + min(max_tokens, 1024))
     sampler = make_sampler(sampling)
-    processors = make_logits_processors(sampling)
+    processors = make_logits_processors(sampling) + list(logits_processors)
     history = prompt.astype(mx.int32)
 
     def step(tokens: mx.array) -> tuple[mx.array, mx.array]:
@@ -143,6 +149,7 @@ def stream_generate(
     prefill_step_size: int = 512,
     cache: list[KVCache] | None = None,
     kv_bits: int | None = None,
+    response_format: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -156,6 +163,10 @@ def stream_generate(
         prefill_step_size: prompt tokens processed per forward pass.
         cache: per-layer caches to continue from (e.g. a saved prompt cache).
         kv_bits: store a new KV cache quantized to this many bits (8 halves its memory).
+        response_format: constrain the output, OpenAI style: ``{"type": "json_object"}``,
+            ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, or
+            ``{"type": "regex", "pattern": ...}`` (``{"type": "text"}`` or None: free text).
+            Needs ``pip install "qwen2-mlx[structured]"``; see `qwen2_mlx.structured`.
 
     Generation stops at any of `tokenizer.eos_token_ids` (not printed), a stop string,
     `max_tokens`, or the model's context length.
@@ -190,6 +201,9 @@ def stream_generate(
         raise ValueError("kv_bits applies to a new cache; the given cache keeps its own format")
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
+    constraint = _structured_processor(tokenizer, response_format, model.config.vocab_size)
+    generated: list[int] = []  # kept only to check a constrained output at the end
+    returned: list[str] = []
 
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -197,7 +211,8 @@ def stream_generate(
     n = 0
     for n, (token, logprobs) in enumerate(
         generate_step(mx.array(ids, dtype=mx.uint32), model, sampling=sampling, cache=cache,
-                      max_tokens=max_tokens, prefill_step_size=prefill_step_size),
+                      max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+                      logits_processors=[constraint] if constraint else ()),
         start=1,
     ):
         if n == 1:
@@ -212,6 +227,7 @@ def stream_generate(
         else:
             pending += detokenizer.add_token(token)
         hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+        incomplete = False
         if hit >= 0:
             text, pending, finish = pending[:hit], "", "stop"
         elif finish is not None or n == max_tokens:
@@ -222,6 +238,12 @@ def stream_generate(
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        if constraint is not None:
+            generated.append(token)
+            returned.append(text)
+            if finish is not None:
+                cut = "".join(returned) if hit >= 0 else None
+                incomplete = not constraint.output_complete(generated, cut)
         elapsed = time.perf_counter() - tic
         yield GenerationResponse(
             text=text,
@@ -233,9 +255,20 @@ def stream_generate(
             generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            incomplete=incomplete,
         )
         if finish is not None:
             return
+
+
+def _structured_processor(tokenizer, response_format, vocab_size: int):
+    """The logits processor enforcing `response_format`, or None for free text."""
+    if response_format is None or response_format == {"type": "text"}:
+        return None  # free text needs no optional extra
+    from qwen2_mlx.structured import StructuredLogitsProcessor, make_grammar_matcher
+
+    matcher = make_grammar_matcher(tokenizer, response_format, vocab_size)
+    return StructuredLogitsProcessor(matcher) if matcher is not None else None
 
 
 def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwargs) -> str:
