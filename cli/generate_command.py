@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from qwen2_mlx.cli.response_format_options import incomplete_warning, response_format_options
+
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 
 
@@ -49,10 +51,11 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
               help="Store the KV cache quantized (8 bits halves its memory).")
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
+@response_format_options
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
-                     verbose) -> None:
+                     verbose, response_format) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     \b
@@ -63,6 +66,9 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m ./base-model --no-chat -p "Once upon a time" --max-tokens 64
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --dca --kv-bits 8 --prompt - < book.txt
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --yarn-factor 4 --prompt - < long.txt
+      qwen2-mlx generate -p "Invent a user" --json-schema user.schema.json
+      qwen2-mlx generate -p "Is 7 prime? Answer in JSON" --json
+      qwen2-mlx generate -p "Today's date?" --regex "[0-9]{4}-[0-9]{2}-[0-9]{2}"
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
@@ -91,12 +97,15 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
             stop=list(stop), prefill_step_size=prefill_step_size,
             repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, **sampling,
+            kv_bits=int(kv_bits) if kv_bits else None, response_format=response_format,
+            **sampling,
         ):
             click.echo(last.text, nl=False)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise click.ClickException(str(e)) from e
     click.echo()
+    if last is not None and last.incomplete:
+        click.echo(incomplete_warning(last.finish_reason), err=True)
     if verbose and last is not None:
         click.echo(format_stats(last), err=True)
 
