@@ -439,9 +439,13 @@ class StructuredLogitsProcessor:
             self._prompt_length = history.size
             waited = tic
         else:
+            new = history[self._prompt_length + self.matcher.num_tokens:]
             if self.overlap:
+                # A stream runs its work in order: queue the read of the new token(s) before
+                # the forward pass, or reading them would wait for that pass to finish.
+                mx.async_eval(new)
                 mx.async_eval(logits)
-            new = history[self._prompt_length + self.matcher.num_tokens:].tolist()
+            new = new.tolist()
             waited = time.perf_counter()
             for token in new:
                 self.matcher.advance(token)
