@@ -371,6 +371,46 @@ def test_pipelined_processor_matches_the_serial_one(loaded):
     assert runs[True][-1] in tokenizer.eos_token_ids
 
 
+def test_processor_queues_the_token_read_then_the_forward_before_computing_the_mask(
+        loaded, monkeypatch):
+    """The overlap of mask and forward pass rests on this order: the read of token t is queued
+    first (a stream runs in order, so queued after the forward pass it would wait for it), then
+    the forward pass of step t+1, and only then does the CPU compute the mask.
+    examples/bench_structured.py measures what the overlap saves."""
+    model, tokenizer = loaded
+    events = []
+    real_async_eval = mx.async_eval
+
+    def recording_async_eval(*arrays):
+        events.append(("queue", [a.dtype for a in arrays]))
+        return real_async_eval(*arrays)
+
+    matcher = make_grammar_matcher(tokenizer, {"type": "regex", "pattern": "[a-z]{8}"},
+                                   model.config.vocab_size)
+    real_mask_words = matcher.mask_words
+
+    def recording_mask_words():
+        events.append(("mask", None))
+        return real_mask_words()
+
+    monkeypatch.setattr(mx, "async_eval", recording_async_eval)
+    monkeypatch.setattr(matcher, "mask_words", recording_mask_words)
+    processor = StructuredLogitsProcessor(matcher)
+    from qwen2_mlx.generate import generate_step
+    from qwen2_mlx.sampling import SamplingParams
+
+    tokens = [t for t, _ in generate_step(mx.array(tokenizer.encode("hi"), dtype=mx.uint32),
+                                          model, sampling=SamplingParams(), max_tokens=6,
+                                          logits_processors=[processor])]
+    # generate_step queues (token, logprobs) together; only the processor queues an int32
+    # slice of the history (the new token) or the logits alone.
+    reads = [i for i, event in enumerate(events) if event == ("queue", [mx.int32])]
+    assert len(tokens) == 6 and len(reads) == 5  # the first step has no token to wait for
+    for i in reads:
+        assert events[i + 1] == ("queue", [mx.float32])  # then the forward pass
+        assert events[i + 2] == ("mask", None)  # and only then the mask
+
+
 # --- the token-level API (what speculative decoding builds on) ---------------------------------
 
 
