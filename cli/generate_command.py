@@ -10,6 +10,7 @@ import click
 
 from qwen2_mlx.cli.draft_options import draft_flags, load_drafter
 from qwen2_mlx.cli.errors import click_error
+from qwen2_mlx.cli.response_format_options import incomplete_warning, response_format_options
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 
@@ -74,11 +75,12 @@ def generation_flags(command):
 @draft_flags
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
+@response_format_options
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
                      draft_model, num_draft_tokens, prompt_lookup, verbose, tools_file,
-                     hide_reasoning) -> None:
+                     hide_reasoning, response_format) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     A reasoning model's thinking shows dimmed on a terminal, and between <think> and </think>
@@ -96,6 +98,9 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m Qwen/Qwen2.5-7B-Instruct -p "Weather in Oslo?" --tools tools.json
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --draft-model Qwen/Qwen2-0.5B-Instruct -v
       qwen2-mlx generate -m ./qwen2-7b-4bit --prompt-lookup 3 --prompt - < edit_request.txt
+      qwen2-mlx generate -p "Invent a user" --json-schema user.schema.json
+      qwen2-mlx generate -p "Is 7 prime? Answer in JSON" --json
+      qwen2-mlx generate -p "Today's date?" --regex "[0-9]{4}-[0-9]{2}-[0-9]{2}"
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
@@ -130,10 +135,11 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
             mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
             stop=list(stop), prefill_step_size=prefill_step_size,
             repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, tools=tools, **sampling, **speculative,
+            kv_bits=int(kv_bits) if kv_bits else None, tools=tools,
+            response_format=response_format, **sampling, **speculative,
         ):
             click.echo(show(last.reasoning, last.text), nl=False)
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise click_error(e) from e
     finally:
         memory.close()
@@ -144,6 +150,8 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
         if last.malformed_tool_call:
             click.echo("note: the model wrote a tool call that is not valid JSON; it is shown "
                        "as text", err=True)
+        if last.incomplete:
+            click.echo(incomplete_warning(last.finish_reason), err=True)
     if verbose and last is not None:
         click.echo(format_stats(last), err=True)
         if last.finish_reason == "length" and last.generation_tokens < max_tokens:

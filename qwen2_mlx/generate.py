@@ -17,6 +17,7 @@ from qwen2_mlx.errors import HintedError
 from qwen2_mlx.output_parser import OutputParser
 from qwen2_mlx.prefill import PromptProgress, prefill, prepare_cache
 from qwen2_mlx.sampling import (
+    LogitsProcessor,
     SamplingParams,
     apply_logits_processors,
     make_logits_processors,
@@ -64,6 +65,9 @@ class GenerationResponse:
     malformed_tool_call: bool = False
     from_draft: bool = False  # speculative decoding: drafted and accepted
     speculative: SpeculativeStats | None = None  # speculative decoding: counts so far
+    # With a response_format: True on the last response when the text does not complete the
+    # format (max_tokens or a stop string came first).
+    incomplete: bool = False
 
 
 def generate_step(
@@ -76,6 +80,7 @@ def generate_step(
     prefill_step_size: int = 512,
     cancel=None,
     prompt_progress: PromptProgress | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logprobs)` for up to `max_tokens` new tokens after `prompt` (1-D ids).
 
@@ -87,6 +92,7 @@ def generate_step(
     step and before each token after the first: once it is set, the generator returns (after
     at most the token being computed). `prompt_progress(done, total)` is called after each
     prefill step and once more, with done == total, when the first token is ready.
+    `logits_processors` run after the sampling ones (repetition penalty), before sampling.
 
     `cache` (a `ModelCache` from `model.make_cache()`, or a plain list of layer caches) is
     continued; the repetition penalty sees the ids it already holds (`cache.tokens`) before
@@ -111,7 +117,7 @@ def generate_step(
     start = cache.offset
     prepare_cache(cache, prompt.size, room=max_tokens)
     sampler = make_sampler(sampling)
-    processors = make_logits_processors(sampling)
+    processors = make_logits_processors(sampling) + list(logits_processors)
     history = None
     if processors:
         earlier = cache.tokens
@@ -272,6 +278,7 @@ def stream_generate(
     num_draft_tokens: int = 4,
     prompt_lookup: int = 0,
     draft_cache: list[KVCache] | None = None,
+    response_format: dict | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt`, yielding a `GenerationResponse` per token.
 
@@ -300,6 +307,11 @@ def stream_generate(
             `qwen2_mlx.speculative`): a draft model sharing the tokenizer, or prompt lookup
             with n-grams up to `prompt_lookup`, proposes up to `num_draft_tokens` per target
             pass; the output is distributed exactly as without it.
+        response_format: constrain the output, OpenAI style: ``{"type": "json_object"}``,
+            ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``, or
+            ``{"type": "regex", "pattern": ...}`` (``{"type": "text"}`` or None: free text).
+            Needs ``pip install "qwen2-mlx[structured]"``; see `qwen2_mlx.structured`. With
+            speculative decoding, drafts are checked against the format too.
 
     A string prompt is used as it is: no chat template is applied (the CLI's `--chat`, its
     default, templates the prompt; pass chat messages here for the same):
@@ -354,7 +366,10 @@ def stream_generate(
     # that opened <think> starts the output in reasoning.
     tail = [t for t in cache.tokens[-8:] if t != UNKNOWN_TOKEN] + ids[-8:]
     stats = None
-    if draft_model is not None or prompt_lookup:
+    speculative = draft_model is not None or bool(prompt_lookup)
+    constraint = _structured_constraint(tokenizer, response_format, model.config.vocab_size,
+                                        len(cache.tokens) + len(ids) if speculative else None)
+    if speculative:
         if draft_model is not None:
             check_draft_model(model, draft_model, tokenizer)
             if draft_cache is None:
@@ -364,23 +379,28 @@ def stream_generate(
             mx.array(ids, dtype=mx.uint32), model, sampling=sampling, draft_model=draft_model,
             prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens, cache=cache,
             draft_cache=draft_cache, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
-            stats=stats, cancel=cancel, prompt_progress=prompt_progress)
+            stats=stats, cancel=cancel, prompt_progress=prompt_progress, token_mask=constraint)
     else:
         steps = generate_step(ids, model, sampling=sampling, cache=cache, max_tokens=max_tokens,
                               prefill_step_size=prefill_step_size, cancel=cancel,
-                              prompt_progress=prompt_progress)
+                              prompt_progress=prompt_progress,
+                              logits_processors=[constraint] if constraint else ())
     try:
-        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, tail, stats)
+        yield from _responses(steps, tokenizer, ids, stops, max_tokens, tools, tail, stats,
+                              constraint)
     finally:
         steps.close()  # settles the cache now, not whenever the generator is collected
 
 
 def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: int,
                tools: Sequence[dict] | None, tail: list[int],
-               stats: SpeculativeStats | None = None) -> Iterator[GenerationResponse]:
+               stats: SpeculativeStats | None = None,
+               constraint=None) -> Iterator[GenerationResponse]:
     """The GenerationResponses of `steps` (generate_step's `(token, logprobs)` or the
     speculative `(token, logprobs, from_draft)`): text, stops, speeds. `tail` is the end of
-    what the model read before its output (cached tokens included)."""
+    what the model read before its output (cached tokens included); `constraint` the
+    response format's processor or token mask, asked at the end whether the output is
+    complete."""
     eos = set(tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer()
     parser = OutputParser.for_prompt(tokenizer, tail, tools)
@@ -388,9 +408,12 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
     tic = time.perf_counter()
     prompt_tps = 0.0
     pending = ""  # decoded text not yet handed out (may begin a stop string)
+    generated: list[int] = []  # kept only to check a constrained output at the end
+    returned: list[str] = []
 
     def respond(text: str, token: int | None, logprob: float, n: int,
-                finish: str | None, from_draft: bool = False) -> GenerationResponse:
+                finish: str | None, from_draft: bool = False,
+                incomplete: bool = False) -> GenerationResponse:
         parsed = parser.feed(text)
         final = {}
         if finish is not None:
@@ -413,6 +436,7 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
             finish_reason=finish,
             from_draft=from_draft,
             speculative=dataclasses.replace(stats) if stats is not None else None,
+            incomplete=incomplete,
             **final,
         )
 
@@ -441,12 +465,41 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
         else:
             keep = _stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        yield respond(text, token, logprobs[token].item(), n, finish, bool(drafted and drafted[0]))
+        incomplete = False
+        if constraint is not None:
+            generated.append(token)
+            returned.append(text)
+            if finish is not None:
+                cut = "".join(returned) if hit >= 0 else None
+                incomplete = not constraint.output_complete(generated, cut)
+        yield respond(text, token, logprobs[token].item(), n, finish, bool(drafted and drafted[0]),
+                      incomplete)
         if finish is not None:
             return
     # The steps ended before a finish: `cancel` was set (generate_step checks it before each
     # prefill step and each token), so the last response carries no new token.
     yield respond(pending + detokenizer.finalize(), None, math.nan, n, "cancelled")
+
+
+def _structured_constraint(tokenizer, response_format, vocab_size: int,
+                           speculative_prompt_length: int | None):
+    """What enforces `response_format`: a logits processor for plain decoding, or (given the
+    length of the history before the output) a token mask for speculative decoding; None for
+    free text."""
+    if response_format is None or response_format == {"type": "text"}:
+        return None  # free text needs no optional extra
+    from qwen2_mlx.structured import (
+        GrammarTokenMask,
+        StructuredLogitsProcessor,
+        make_grammar_matcher,
+    )
+
+    matcher = make_grammar_matcher(tokenizer, response_format, vocab_size)
+    if matcher is None:
+        return None
+    if speculative_prompt_length is not None:
+        return GrammarTokenMask(matcher, speculative_prompt_length)
+    return StructuredLogitsProcessor(matcher)
 
 
 class GenerationResult(str):
