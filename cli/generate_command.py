@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -47,12 +48,18 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
               help="Static YaRN RoPE scaling by this factor (e.g. 4 for 32K -> 128K).")
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Store the KV cache quantized (8 bits halves its memory).")
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None,
+              help="Run as one rank of an mlx.launch job holding part of the model: split "
+                   "every layer (tensor) or a range of layers (pipeline) across the ranks.")
+@click.option("--rank-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="With --parallel: stop when the other ranks have not answered for this "
+                   "many seconds (0: wait forever).")
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
-                     verbose) -> None:
+                     parallel, rank_timeout, verbose) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     \b
@@ -63,16 +70,25 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -m ./base-model --no-chat -p "Once upon a time" --max-tokens 64
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --dca --kv-bits 8 --prompt - < book.txt
       qwen2-mlx generate -m Qwen/Qwen2-7B-Instruct --yarn-factor 4 --prompt - < long.txt
+      mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- \\
+        "$(which qwen2-mlx)" generate -m Qwen/Qwen2-72B-Instruct --parallel pipeline -p "Hi"
     """
     from qwen2_mlx.generate import format_stats, stream_generate
     from qwen2_mlx.loader import load
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    group = None
     try:
+        if parallel:
+            from qwen2_mlx.parallel import init_group
+            from qwen2_mlx.parallel.launch import shared_prompt
+
+            group = init_group(parallel)
+            prompt = shared_prompt(group, prompt)  # rank 0 reads it, every rank gets it
+        elif prompt == "-":
+            prompt = sys.stdin.read()
         mlx_model, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
                                     chunk_size=chunk_size, local_size=local_size,
-                                    yarn_factor=yarn_factor)
+                                    yarn_factor=yarn_factor, parallel=parallel, group=group)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
@@ -87,18 +103,35 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
                                 repetition_penalty)
     last = None
     try:
-        for last in stream_generate(
-            mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
-            stop=list(stop), prefill_step_size=prefill_step_size,
-            repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, **sampling,
-        ):
-            click.echo(last.text, nl=False)
+        with rank_watchdog(parallel, rank_timeout):
+            for last in stream_generate(
+                mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
+                stop=list(stop), prefill_step_size=prefill_step_size,
+                repetition_context_size=repetition_context_size,
+                kv_bits=int(kv_bits) if kv_bits else None, **sampling,
+            ):
+                click.echo(last.text, nl=False)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
+    except RuntimeError as e:
+        from qwen2_mlx.parallel.launch import rank_failure_message
+
+        message = rank_failure_message(e) if parallel else None
+        if message is None:
+            raise
+        raise click.ClickException(message) from e
     click.echo()
     if verbose and last is not None:
         click.echo(format_stats(last), err=True)
+
+
+def rank_watchdog(parallel: str | None, timeout: float):
+    """With --parallel, end the process when the other ranks stop answering (watchdog.py)."""
+    if not parallel:
+        return contextlib.nullcontext()
+    from qwen2_mlx.parallel import RankWatchdog
+
+    return RankWatchdog(timeout or None)
 
 
 def sampling_options(defaults: dict, temp, top_p, top_k, min_p, repetition_penalty) -> dict:

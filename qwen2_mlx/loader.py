@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -269,13 +270,22 @@ def quantize_for_checkpoint(
     return sorted(plan)
 
 
-def load_model(model_path: Path, dtype: str | mx.Dtype | None = None) -> Model:
+# A process's part of a model (qwen2_mlx.parallel): `shard(model, weights) -> weights` cuts
+# the built, not yet loaded model to this process's part and returns the checkpoint tensors
+# that part loads (lazy: tensors it drops are never read from disk).
+Shard = Callable[[nn.Module, dict[str, mx.array]], dict[str, mx.array]]
+
+
+def load_model(
+    model_path: Path, dtype: str | mx.Dtype | None = None, shard: Shard | None = None
+) -> Model:
     """Build the model from a local directory and load its weights.
 
     Float checkpoints keep their on-disk dtype unless `dtype` is given. Quantized MLX
     checkpoints (a `quantization` block in config.json, as qwen2-mlx and mlx-lm write) get
     quantized layers; their floats (scales, biases, norms) take `dtype` when given, else
-    `compute_dtype_for_backend()` (float32 on CPU, as stored on Metal).
+    `compute_dtype_for_backend()` (float32 on CPU, as stored on Metal). `shard` (see `Shard`)
+    loads one process's part of the model for `qwen2_mlx.parallel`.
     """
     raw_config = load_config(model_path)
     config = ModelConfig.from_dict(raw_config)
@@ -284,6 +294,8 @@ def load_model(model_path: Path, dtype: str | mx.Dtype | None = None) -> Model:
     block = quantization_settings(raw_config)
     if block is not None:
         quantize_for_checkpoint(model, block, weights)
+    if shard is not None:
+        weights = shard(model, weights)
     target = _as_dtype(dtype)
     if target is None and block is not None:
         target = compute_dtype_for_backend()
@@ -314,6 +326,8 @@ def load(
     chunk_size: int | None = None,
     local_size: int | None = None,
     yarn_factor: float | None = None,
+    parallel: str | None = None,
+    group: mx.distributed.Group | None = None,
 ):
     """Load a Qwen2 model and its tokenizer.
 
@@ -328,10 +342,21 @@ def load(
         dca, chunk_size, local_size: switch on Dual Chunk Attention (see
             `Model.set_long_context`) for a model whose config lacks it.
         yarn_factor: switch on static YaRN with this factor instead.
+        parallel: ``"tensor"`` or ``"pipeline"`` to hold only this process's part of the
+            model, in a run of several processes started by ``mlx.launch`` (see
+            `qwen2_mlx.parallel.load_sharded`); ``None`` loads the whole model.
+        group: the ``mx.distributed`` group to shard over (default: ``mx.distributed.init()``).
 
     Returns:
         ``(model, tokenizer)``.
     """
+    if parallel is not None or group is not None:
+        from qwen2_mlx.parallel import load_sharded
+
+        return load_sharded(path_or_repo, parallel=parallel, group=group, dtype=dtype,
+                            adapter_path=adapter_path, revision=revision, dca=dca,
+                            chunk_size=chunk_size, local_size=local_size,
+                            yarn_factor=yarn_factor)
     from qwen2_mlx.tokenizer import Qwen2Tokenizer
 
     model_path = resolve_model_path(path_or_repo, revision=revision)
