@@ -15,7 +15,7 @@
 """
 
 from qwen2_mlx.parallel.group import init_group, launched_rank
-from qwen2_mlx.parallel.load import Sharding, load_sharded
+from qwen2_mlx.parallel.load import Sharding, load_sharded, load_sharded_model
 from qwen2_mlx.parallel.plan import (
     MODES,
     ParallelError,
@@ -34,6 +34,7 @@ __all__ = [
     "init_group",
     "launched_rank",
     "load_sharded",
+    "load_sharded_model",
     "pipeline_layers",
     "tensor_shard",
 ]

@@ -84,15 +84,34 @@ def load_sharded(
     everywhere (the ranks must, or their collectives would stop matching).
 
     The model computes the same logits as the whole model on every rank; `model.sharding`
-    says what this rank holds.
+    says what this rank holds. Every rank must then evaluate the same arrays in the same
+    order (e.g. all of them run the same `generate`), since each evaluation runs collectives.
     """
+    long_context = dict(dca=dca, chunk_size=chunk_size, local_size=local_size,
+                        yarn_factor=yarn_factor)
+    return _load(path_or_repo, parallel, group, dtype, adapter_path, revision, long_context,
+                 with_tokenizer=True)
+
+
+def load_sharded_model(
+    model_path: str | os.PathLike, *, parallel: str | None, group: Group | None = None,
+    dtype: str | mx.Dtype | None = None,
+) -> nn.Module:
+    """The model part alone, from a local directory (no tokenizer needed), as `load_model`
+    is to `load`: for benchmarks and checkpoints without tokenizer files."""
+    model, _ = _load(model_path, parallel, group, dtype, None, None, {}, with_tokenizer=False)
+    return model
+
+
+def _load(path_or_repo, parallel, group, dtype, adapter_path, revision, long_context: dict,
+          with_tokenizer: bool) -> tuple[nn.Module, object]:
     from qwen2_mlx.tokenizer import Qwen2Tokenizer
 
     if parallel is None:
         raise ParallelError("a group was given without parallel='tensor' or 'pipeline'")
     check_mode(parallel)
     group = init_group(parallel, group)
-    options = (parallel, str(dtype), dca, chunk_size, local_size, yarn_factor)
+    options = (parallel, str(dtype), *sorted(long_context.items()))
     fingerprint = b""
     with all_or_none(group):
         model_path = resolve_model_path(path_or_repo, revision=revision)
@@ -119,17 +138,18 @@ def load_sharded(
             shard_pipeline(model, sharding.stage)
             return select_stage_weights(sharding.stage, weights, holds_embedding(model))
 
+    tokenizer = None
     with all_or_none(group):
         model = load_model(model_path, dtype=dtype, shard=cut)
         if sharding.stage is not None:
             sharding.stage.set_hidden_dtype(model)
-        if dca or yarn_factor is not None or chunk_size is not None or local_size is not None:
-            model.set_long_context(dca=dca, chunk_size=chunk_size, local_size=local_size,
-                                   yarn_factor=yarn_factor)
+        if any(v not in (None, False) for v in long_context.values()):
+            model.set_long_context(**long_context)
         if adapter_path is not None:
             load_sharded_adapter(model, adapter_path, splits=sharding.splits,
                                  stage=sharding.stage, total_layers=config.num_hidden_layers)
-        tokenizer = Qwen2Tokenizer.from_pretrained(model_path)
+        if with_tokenizer:
+            tokenizer = Qwen2Tokenizer.from_pretrained(model_path)
     model.sharding = sharding
     mx.random.seed(broadcast_seed(group, None))
     return model, tokenizer

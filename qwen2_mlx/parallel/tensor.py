@@ -249,14 +249,16 @@ class TensorSharder:
 def select_weights(
     model: nn.Module, splits: dict[str, Split], weights: dict[str, mx.array]
 ) -> dict[str, mx.array]:
-    """The checkpoint tensors cut as `splits` says (others whole).
+    """The checkpoint tensors cut as `splits` says (others whole); empties `weights`.
 
-    Each cut tensor is read and sliced on its own (`mx.eval` one at a time), so loading never
-    holds more than this rank's part plus the one whole tensor being cut.
+    Each cut tensor is read and sliced on its own (`mx.eval` one at a time) and the whole one
+    is let go at once (`weights` gives up its reference), so loading never holds more than
+    this rank's part plus the one whole tensor being cut.
     """
     modules = dict(model.named_modules())
     out = {}
-    for name, value in weights.items():
+    for name in list(weights):
+        value = weights.pop(name)
         path, _, param = name.rpartition(".")
         split = splits.get(path)
         where = parameter_slice(modules[path], param, split) if split and path in modules else None
