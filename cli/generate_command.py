@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from qwen2_mlx.parallel.launch import rank_0_reports_errors
+
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 
 
@@ -56,6 +58,7 @@ DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
                    "many seconds (0: wait forever).")
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
+@rank_0_reports_errors
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -94,7 +93,7 @@ def run_forever(spec: dict) -> None:
     --parallel` does, printing each token on rank 0; exit 1 with one line on a rank failure.
 
     `spec["fail"]` = {"rank", "after", "how"}: that rank kills itself (SIGKILL) or freezes
-    (sleeps with its connections open) after that many tokens.
+    (SIGSTOP: connections open, no thread runs) after that many tokens.
     """
     group = mx.distributed.init()
     model, _ = load(spec["path"], parallel=spec["mode"], group=group)
@@ -105,9 +104,9 @@ def run_forever(spec: dict) -> None:
                 if group.rank() == 0:
                     print(token, flush=True)
                 if group.rank() == fail["rank"] and n == fail["after"]:
-                    if fail["how"] == "kill":
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    time.sleep(3600)
+                    # A freeze stops every thread (its own watchdog too), sockets left open.
+                    stop = signal.SIGKILL if fail["how"] == "kill" else signal.SIGSTOP
+                    os.kill(os.getpid(), stop)
     except RuntimeError as e:
         message = rank_failure_message(e)
         if message is None:

@@ -402,7 +402,7 @@ def start_ranks(spec: dict, tmp_path: Path) -> list[subprocess.Popen]:
 @pytest.mark.parametrize("how, mode, bound", [("kill", "tensor", 15.0),
                                                ("freeze", "pipeline", 15.0)])
 def test_a_lost_rank_ends_the_other_with_a_clear_error(models, tmp_path, how, mode, bound):
-    """Rank 1 is killed (or freezes with its connections open) after 20 generated tokens;
+    """Rank 1 is killed (or frozen by SIGSTOP, connections open) after 20 generated tokens;
     rank 0 must exit with one clear line within `bound` seconds, not hang in a collective.
 
     A kill closes rank 1's sockets, but MLX 0.32.4's ring backend fails only a lone pending

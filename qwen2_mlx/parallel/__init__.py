@@ -14,27 +14,20 @@
   files; watchdog.py ends a run whose peer stopped answering.
 """
 
-from qwen2_mlx.parallel.group import init_group, launched_rank
-from qwen2_mlx.parallel.load import Sharding, load_sharded, load_sharded_model
-from qwen2_mlx.parallel.plan import (
-    MODES,
-    ParallelError,
-    TensorShard,
-    pipeline_layers,
-    tensor_shard,
-)
-from qwen2_mlx.parallel.watchdog import RankWatchdog
+import importlib
 
-__all__ = [
-    "MODES",
-    "ParallelError",
-    "RankWatchdog",
-    "Sharding",
-    "TensorShard",
-    "init_group",
-    "launched_rank",
-    "load_sharded",
-    "load_sharded_model",
-    "pipeline_layers",
-    "tensor_shard",
-]
+# Loaded on first use, so that importing a light submodule (the CLI imports `launch` for
+# every command) does not import MLX and the model.
+_EXPORTS = {
+    "MODES": "plan", "ParallelError": "plan", "TensorShard": "plan",
+    "pipeline_layers": "plan", "tensor_shard": "plan",
+    "init_group": "group", "launched_rank": "launch", "RankWatchdog": "watchdog",
+    "Sharding": "load", "load_sharded": "load", "load_sharded_model": "load",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

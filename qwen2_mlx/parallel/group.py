@@ -9,7 +9,6 @@ the failing rank's message.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,20 +22,6 @@ Group = mx.distributed.Group
 
 LAUNCH_HINT = ('start one process per rank with mlx.launch, e.g. `mlx.launch -n 2 --backend ring '
                '--python "$(which python)" script.py` (or --hosts mac1,mac2)')
-
-# Environment variables that carry a process's rank under mlx.launch (ring, JACCL) and MPI.
-RANK_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-
-
-def launched_rank() -> int | None:
-    """This process's rank as the launcher set it in the environment (None when not launched),
-    known before any group exists."""
-    for name in RANK_VARIABLES:
-        value = os.environ.get(name)
-        if value is not None and value.isdigit():
-            return int(value)
-    return None
-
 
 def init_group(parallel: str, group: Group | None = None) -> Group:
     """`group`, or the global group from `mx.distributed.init()`; a ParallelError when this
