@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen2_mlx.model import ModelConfig
+from qwen2_mlx.moe import is_moe_layer
 
 MODES = ("tensor", "pipeline")
 
@@ -97,7 +98,7 @@ def tensor_shard(config: ModelConfig, rank: int, size: int) -> TensorShard:
         problems.append(f"{H} attention heads are not divisible by {size}")
     if config.vocab_size % size:
         problems.append(f"the vocabulary ({config.vocab_size}) is not divisible by {size}")
-    dense = any(not _is_moe(config, i) for i in range(config.num_hidden_layers))
+    dense = any(not is_moe_layer(config, i) for i in range(config.num_hidden_layers))
     if dense and config.intermediate_size % size:
         problems.append(f"intermediate_size {config.intermediate_size} is not divisible by {size}")
     if config.model_type == "qwen2_moe" and config.num_experts:
@@ -125,12 +126,6 @@ def check_all_ranks(config: ModelConfig, size: int) -> list[TensorShard]:
     return [tensor_shard(config, r, size) for r in range(size)]
 
 
-def _is_moe(config: ModelConfig, layer: int) -> bool:
-    from qwen2_mlx.moe import is_moe_layer
-
-    return is_moe_layer(config, layer)
-
-
 def input_split_layers(config: ModelConfig) -> dict[str, int]:
     """Module path -> global input width of each layer tensor parallelism splits along its
     input (o_proj, dense down_proj, the shared expert's down_proj)."""
@@ -138,7 +133,7 @@ def input_split_layers(config: ModelConfig) -> dict[str, int]:
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}"
         widths[f"{prefix}.self_attn.o_proj"] = config.num_attention_heads * config.head_dim
-        if _is_moe(config, i):
+        if is_moe_layer(config, i):
             widths[f"{prefix}.mlp.shared_expert.down_proj"] = config.shared_expert_intermediate_size
         else:
             widths[f"{prefix}.mlp.down_proj"] = config.intermediate_size

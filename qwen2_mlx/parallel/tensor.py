@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen2_mlx.metal_kernels.quantized import QuantizedEmbedding, QuantizedLinear
+from qwen2_mlx.metal_kernels.quantized import QuantizedEmbedding, QuantizedLinear, _rebrand
 from qwen2_mlx.moe import QuantizedSwitchLinear, SparseMoeBlock
 from qwen2_mlx.parallel.experts import ExpertParallelMoeBlock
 from qwen2_mlx.parallel.plan import TensorShard
@@ -127,14 +127,9 @@ def as_subclass(module: nn.Module, cls: type, **attributes) -> nn.Module:
     """A `cls` instance holding `module`'s arrays and settings, plus `attributes`.
 
     `cls` adds behaviour to `type(module)` without new parameters, so the parameter names,
-    the frozen state and the quantization settings carry over.
+    the frozen state and the quantization settings carry over (the arrays are shared).
     """
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for name, value in vars(module).items():
-        object.__setattr__(new, name, set(value) if isinstance(value, set) else value)
-    for name, value in module.items():
-        new[name] = value
+    new = _rebrand(module, cls)
     for name, value in attributes.items():
         object.__setattr__(new, name, value)
     return new
