@@ -3,7 +3,8 @@
 Writes random checkpoints (Qwen2-0.5B's exact shapes in bfloat16, and bench_moe.py's
 scaled-down Qwen2-57B-A14B in float16), then, for each model, runs the same greedy generation
 (same prompt ids) as one process and as two ranks under `mlx.launch -n 2 --backend ring` on
-127.0.0.1 with `parallel="tensor"` and `"pipeline"`, alternating the three run by run, and
+127.0.0.1 with `parallel="tensor"` and `"pipeline"` (and, for the dense model, mlx-lm's own
+tensor parallelism, `Model.shard`, when mlx-lm is installed), alternating run by run, and
 prints per configuration the median prefill and decode tokens/s, each rank's peak memory
 (weights included), and the ratios to one process.
 
@@ -146,21 +147,35 @@ def worker(args: argparse.Namespace) -> None:
     from qwen2_mlx.parallel.group import exchange
     from qwen2_mlx.sampling import SamplingParams
 
+    step = generate_step
     tic = time.perf_counter()
     if args.mode == "single":
         model, group = load_model(Path(args.path)), None
+    elif args.mode == "mlx-lm-tensor":
+        # mlx-lm's own tensor parallelism (Model.shard), loaded as its sharded_load does.
+        from mlx_lm.generate import generate_step as lm_generate_step
+        from mlx_lm.utils import load_model as lm_load_model
+
+        model, _ = lm_load_model(Path(args.path), lazy=True)
+        group = mx.distributed.init()
+        model.shard(group)
+        mx.eval(model.parameters())
+
+        def step(prompt, model, sampling, max_tokens, prefill_step_size):
+            return lm_generate_step(prompt, model, max_tokens=max_tokens,
+                                    prefill_step_size=prefill_step_size)
     else:
         model = load_sharded_model(args.path, parallel=args.mode)
         group = model.sharding.group
     load_s = time.perf_counter() - tic
-    vocab = model.config.vocab_size
+    vocab = (model.args if args.mode == "mlx-lm-tensor" else model.config).vocab_size
     prompt = mx.array([(i * 7919) % (vocab - 300) for i in range(args.prompt_tokens)],
                       dtype=mx.uint32)
 
     def run(prompt: mx.array, n: int) -> tuple[float, float]:
         tic = time.perf_counter()
-        steps = generate_step(prompt, model, sampling=SamplingParams(), max_tokens=n,
-                              prefill_step_size=512)
+        steps = step(prompt, model, sampling=SamplingParams(), max_tokens=n,
+                     prefill_step_size=512)
         for i, _ in enumerate(steps):
             if i == 0:
                 prefill = time.perf_counter() - tic
@@ -169,6 +184,12 @@ def worker(args: argparse.Namespace) -> None:
 
     run(prompt[:8], 2)  # warm-up
     prefill, decode = run(prompt, args.gen_tokens)
+    if args.mode == "mlx-lm-tensor":
+        # mlx-lm queues a step past the last token on its own stream; its collectives must
+        # finish before ours, or the two ranks' messages interleave differently.
+        from mlx_lm.generate import generation_stream
+
+        mx.synchronize(generation_stream)
     result = {"prefill": prefill, "decode": decode, "load_s": load_s,
               "peak_gb": [mx.get_peak_memory() / 1e9]}
     if group is not None:
@@ -248,6 +269,11 @@ def main() -> None:
         return
 
     modes = ("single", "tensor", "pipeline")
+    try:  # mlx-lm shards dense Qwen2 by tensor parallelism (not qwen2_moe): the comparison
+        import mlx_lm  # noqa: F401
+        dense_modes = (*modes, "mlx-lm-tensor")
+    except ImportError:
+        dense_modes = modes
     print(f"backend {mx.default_device()}, {args.prompt_tokens}-token prompt, "
           f"{args.gen_tokens} generated, {args.rounds} alternating rounds (medians)")
     latency = measure("latency", Path("."), args)
@@ -258,20 +284,21 @@ def main() -> None:
           "stalls of the busy CPUs)")
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in write_checkpoints(Path(tmp), args.models).items():
-            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            model_modes = dense_modes if name == "Qwen2-0.5B" else modes
+            runs: dict[str, list[dict]] = {m: [] for m in model_modes}
             for _ in range(args.rounds):
-                for mode in modes:
+                for mode in model_modes:
                     runs[mode].append(measure(mode, path, args))
             print(f"\n{name}:")
             base = {k: statistics.median(r[k] for r in runs["single"])
                     for k in ("prefill", "decode")}
             single_peak = statistics.median(r["peak_gb"][0] for r in runs["single"])
-            for mode in modes:
+            for mode in model_modes:
                 p = statistics.median(r["prefill"] for r in runs[mode])
                 d = statistics.median(r["decode"] for r in runs[mode])
                 peaks = [statistics.median(r["peak_gb"][i] for r in runs[mode])
                          for i in range(len(runs[mode][0]["peak_gb"]))]
-                print(f"  {mode:<9} prefill {p:7.2f} tok/s ({p / base['prefill']:.2f}x) | "
+                print(f"  {mode:<13} prefill {p:7.2f} tok/s ({p / base['prefill']:.2f}x) | "
                       f"decode {d:6.2f} tok/s ({d / base['decode']:.2f}x) | peak per rank "
                       + ", ".join(f"{g:.2f} GB ({g / single_peak:.2f}x)" for g in peaks))
             for mode, text in traffic_per_token(path).items():
