@@ -11,6 +11,7 @@ import click
 from qwen2_mlx.cli.draft_options import draft_flags, load_drafter
 from qwen2_mlx.cli.errors import click_error
 from qwen2_mlx.cli.response_format_options import incomplete_warning, response_format_options
+from qwen2_mlx.parallel.launch import rank_0_reports_errors
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 
@@ -73,14 +74,21 @@ def generation_flags(command):
 @click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
               help="Store the KV cache quantized (8 bits halves its memory).")
 @draft_flags
+@click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default=None,
+              help="Run as one rank of an mlx.launch job holding part of the model: split "
+                   "every layer (tensor) or a range of layers (pipeline) across the ranks.")
+@click.option("--rank-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="With --parallel: stop when the other ranks have not answered for this "
+                   "many seconds (0: wait forever).")
 @click.option("--verbose", "-v", is_flag=True,
               help="Print prompt and generation speed and peak memory (to stderr).")
 @response_format_options
+@rank_0_reports_errors
 def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k, min_p,
                      repetition_penalty, repetition_context_size, seed, stop, adapter_path, dtype,
                      prefill_step_size, dca, chunk_size, local_size, yarn_factor, kv_bits,
-                     draft_model, num_draft_tokens, prompt_lookup, verbose, tools_file,
-                     hide_reasoning, response_format) -> None:
+                     draft_model, num_draft_tokens, prompt_lookup, parallel, rank_timeout, verbose,
+                     tools_file, hide_reasoning, response_format) -> None:
     """Generate text from a prompt, streamed to stdout.
 
     A reasoning model's thinking shows dimmed on a terminal, and between <think> and </think>
@@ -101,17 +109,30 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
       qwen2-mlx generate -p "Invent a user" --json-schema user.schema.json
       qwen2-mlx generate -p "Is 7 prime? Answer in JSON" --json
       qwen2-mlx generate -p "Today's date?" --regex "[0-9]{4}-[0-9]{2}-[0-9]{2}"
+      mlx.launch --hosts 10.0.0.1,10.0.0.2 --backend ring -- \\
+        "$(which qwen2-mlx)" generate -m Qwen/Qwen2-72B-Instruct --parallel pipeline -p "Hi"
     """
     from qwen2_mlx.generate import format_stats, stream_generate
-    from qwen2_mlx.loader import load
+    from qwen2_mlx.loading import load
     from qwen2_mlx.memory import wired_limit
 
-    prompt = _prompt_text(prompt)
+    if parallel and (draft_model or prompt_lookup):
+        raise click.UsageError("--parallel does not combine with --draft-model or "
+                               "--prompt-lookup: speculative decoding runs on one machine")
     tools = read_tools(tools_file) if tools_file else None
+    group = None
     try:
+        if parallel:
+            from qwen2_mlx.parallel import init_group
+            from qwen2_mlx.parallel.launch import shared_prompt
+
+            group = init_group(parallel)
+            prompt = shared_prompt(group, prompt)  # rank 0 reads it, every rank gets it
+        else:
+            prompt = _prompt_text(prompt)
         mlx_model, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
                                     chunk_size=chunk_size, local_size=local_size,
-                                    yarn_factor=yarn_factor)
+                                    yarn_factor=yarn_factor, parallel=parallel, group=group)
     except (OSError, ValueError) as e:
         raise click_error(e) from e
     speculative = load_drafter(mlx_model, tokenizer, draft_model, num_draft_tokens,
@@ -131,16 +152,24 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
     memory = contextlib.ExitStack()  # the wired limit, held while generating
     memory.enter_context(wired_limit(mlx_model, log=verbose_line if verbose else None))
     try:
-        for last in stream_generate(
-            mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
-            stop=list(stop), prefill_step_size=prefill_step_size,
-            repetition_context_size=repetition_context_size,
-            kv_bits=int(kv_bits) if kv_bits else None, tools=tools,
-            response_format=response_format, **sampling, **speculative,
-        ):
-            click.echo(show(last.reasoning, last.text), nl=False)
+        with rank_watchdog(parallel, rank_timeout):
+            for last in stream_generate(
+                mlx_model, tokenizer, prompt, max_tokens=max_tokens, seed=seed,
+                stop=list(stop), prefill_step_size=prefill_step_size,
+                repetition_context_size=repetition_context_size,
+                kv_bits=int(kv_bits) if kv_bits else None, tools=tools,
+                response_format=response_format, **sampling, **speculative,
+            ):
+                click.echo(show(last.reasoning, last.text), nl=False)
     except (ValueError, ImportError) as e:
         raise click_error(e) from e
+    except RuntimeError as e:
+        from qwen2_mlx.parallel.launch import rank_failure_message
+
+        message = rank_failure_message(e) if parallel else None
+        if message is None:
+            raise
+        raise click.ClickException(message) from e
     finally:
         memory.close()
     click.echo(show.close())
@@ -158,6 +187,15 @@ def generate_command(model, prompt, system, chat, max_tokens, temp, top_p, top_k
             click.echo(f"Generation stopped at the end of the model's context "
                        f"({mlx_model.config.context_length} tokens), before --max-tokens "
                        f"{max_tokens}", err=True)
+
+
+def rank_watchdog(parallel: str | None, timeout: float):
+    """With --parallel, end the process when the other ranks stop answering (watchdog.py)."""
+    if not parallel:
+        return contextlib.nullcontext()
+    from qwen2_mlx.parallel import RankWatchdog
+
+    return RankWatchdog(timeout or None)
 
 
 def _prompt_text(prompt: str) -> str:

@@ -31,6 +31,9 @@ def cli() -> None:
       qwen2-mlx serve --model Qwen/Qwen2-0.5B-Instruct --api-key secret
       qwen2-mlx COMMAND --help
     """
+    from qwen2_mlx.parallel.launch import quiet_secondary_ranks
+
+    quiet_secondary_ranks()  # under mlx.launch only rank 0 writes to the terminal
 
 
 cli.add_command(generate_command)

@@ -9,7 +9,7 @@ from qwen2_mlx.cache import KVCache, ModelCache, load_cache, save_cache
 from qwen2_mlx.chat_session import ChatResponse, ChatSession, ChatSessionBusyError
 from qwen2_mlx.config import ModelConfig
 from qwen2_mlx.generate import GenerationResponse, GenerationResult, generate, stream_generate
-from qwen2_mlx.loader import load
+from qwen2_mlx.loading import load
 from qwen2_mlx.memory import wired_limit
 from qwen2_mlx.model import Model
 from qwen2_mlx.output_parser import parse_tool_calls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +173,22 @@ def quantize_for_checkpoint(
     return sorted(plan)
 
 
-def load_model(model_path: Path, dtype: str | mx.Dtype | None = None) -> Model:
+# A process's part of a model (qwen2_mlx.parallel): `shard(model, weights) -> weights` cuts
+# the built, not yet loaded model to this process's part and returns the checkpoint tensors
+# that part loads (lazy: tensors it drops are never read from disk).
+Shard = Callable[[nn.Module, dict[str, mx.array]], dict[str, mx.array]]
+
+
+def load_model(
+    model_path: Path, dtype: str | mx.Dtype | None = None, shard: Shard | None = None
+) -> Model:
     """Build the model from a local directory and load its weights.
 
     Float checkpoints keep their on-disk dtype unless `dtype` is given. Quantized MLX
     checkpoints (a `quantization` block in config.json, as qwen2-mlx and mlx-lm write) get
     quantized layers; their floats (scales, biases, norms) take `dtype` when given, else
-    `compute_dtype_for_backend()` (float32 on CPU, as stored on Metal).
+    `compute_dtype_for_backend()` (float32 on CPU, as stored on Metal). `shard` (see `Shard`)
+    loads one process's part of the model for `qwen2_mlx.parallel`.
     """
     raw_config = load_config(model_path)
     config = ModelConfig.from_dict(raw_config)
@@ -187,6 +197,8 @@ def load_model(model_path: Path, dtype: str | mx.Dtype | None = None) -> Model:
     block = quantization_settings(raw_config)
     if block is not None:
         quantize_for_checkpoint(model, block, weights)
+    if shard is not None:
+        weights = shard(model, weights)
     target = _as_dtype(dtype)
     if target is None and block is not None:
         target = compute_dtype_for_backend()

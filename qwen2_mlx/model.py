@@ -126,14 +126,22 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Pipeline parallelism (qwen2_mlx.parallel.pipeline) sets a stage: `layers` then
+        # holds only this process's layers, which start from the previous stage's output.
+        self.pipeline = None
 
     def __call__(self, input_ids: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.embed_tokens(input_ids)
+        if self.pipeline is None:
+            h = self.embed_tokens(input_ids)
+        else:
+            h = self.pipeline.stage_input(input_ids, self.embed_tokens)
         caches = cache if cache is not None else [None] * len(self.layers)
         masks = create_attention_masks(h, caches[0], self.sliding_window)
         for layer, layer_cache in zip(self.layers, caches, strict=True):
             mask = masks.sliding if layer.self_attn.sliding_window else masks.full
             h = layer(h, mask, layer_cache)
+        if self.pipeline is not None:  # on to the next stage; every rank gets the last's
+            h = self.pipeline.stage_output(h, cache)
         return self.norm(h)
 
     @property

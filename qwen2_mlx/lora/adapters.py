@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,16 +159,21 @@ def save_adapter(model: nn.Module, adapter_dir: str | os.PathLike, config: LoRAC
     return out
 
 
-def load_adapter_weights(model: nn.Module, weights_file: Path) -> int | None:
+def load_adapter_weights(model: nn.Module, weights_file: Path,
+                         select: Callable[[dict], dict] | None = None) -> int | None:
     """Load adapter tensors into a model that already has LoRA layers; returns the saved step.
 
     Every adapter tensor of the model must be in the file with the right shape, and the file
-    must hold nothing else; otherwise a ValueError names the offending tensors.
+    must hold nothing else; otherwise a ValueError names the offending tensors. `select`
+    (used by `qwen2_mlx.parallel`) picks and slices the file's tensors for a model that holds
+    part of the layers before that check.
     """
     try:
         weights, metadata = mx.load(str(weights_file), return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError on a damaged file
         raise ValueError(f"cannot read adapter weights {weights_file}: {e}") from e
+    if select is not None:
+        weights = select(weights)
     expected = adapter_weights(model)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
