@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import click
 
+from qwen2_mlx.cli.draft_options import draft_flags, load_drafter
 from qwen2_mlx.cli.errors import click_error, error_line
 from qwen2_mlx.cli.generate_command import (
     DEFAULT_MODEL,
@@ -63,12 +64,14 @@ SETTABLE: dict[str, tuple[str, Callable[[str], object]]] = {
               help="Do not show a reasoning model's thinking.")
 @click.option("--load", "load_file", default=None, type=click.Path(dir_okay=False),
               help="Continue a conversation saved with /save.")
+@draft_flags
 @click.option("--verbose", "-v", is_flag=True,
               help="Print speed and memory after each reply, and the wired-memory setting "
                    "(to stderr).")
 def chat_command(model, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
                  repetition_context_size, seed, stop, adapter_path, dtype, prefill_step_size,
-                 max_kv_size, kv_bits, hide_reasoning, load_file, verbose) -> None:
+                 max_kv_size, kv_bits, hide_reasoning, load_file, draft_model, num_draft_tokens,
+                 prompt_lookup, verbose) -> None:
     """Chat with a model in the terminal; replies stream as they are written.
 
     The conversation's KV cache is kept between turns, so each turn reads only your new
@@ -83,6 +86,7 @@ def chat_command(model, system, max_tokens, temp, top_p, top_k, min_p, repetitio
       qwen2-mlx chat -m ./qwen2-7b-4bit --kv-bits 8 --max-kv-size 8192
       qwen2-mlx chat -m Qwen/Qwen2.5-1.5B-Instruct --load trip.safetensors
       printf 'Hi\\nAnd in French?\\n' | qwen2-mlx chat -m Qwen/Qwen2-0.5B-Instruct
+      qwen2-mlx chat -m Qwen/Qwen2.5-7B-Instruct --draft-model Qwen/Qwen2.5-0.5B-Instruct
     Type /help in the chat for its commands.
     """
     from qwen2_mlx.chat_session import ChatSession
@@ -98,6 +102,10 @@ def chat_command(model, system, max_tokens, temp, top_p, top_k, min_p, repetitio
                    max_tokens=max_tokens, seed=seed, stop=list(stop),
                    repetition_context_size=repetition_context_size,
                    prefill_step_size=prefill_step_size)
+    speculative = load_drafter(mlx_model, tokenizer, draft_model, num_draft_tokens,
+                               prompt_lookup, dtype)
+    if draft_model is not None or prompt_lookup:
+        options.update(speculative)
     try:
         if load_file:
             if kv_bits:
@@ -129,7 +137,8 @@ def chat_command(model, system, max_tokens, temp, top_p, top_k, min_p, repetitio
 _FLAGS = {"temperature": "temp", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
           "repetition_penalty": "repetition_penalty", "max_tokens": "max_tokens",
           "seed": "seed", "stop": "stop", "repetition_context_size": "repetition_context_size",
-          "prefill_step_size": "prefill_step_size"}
+          "prefill_step_size": "prefill_step_size", "draft_model": "draft_model",
+          "num_draft_tokens": "num_draft_tokens", "prompt_lookup": "prompt_lookup"}
 
 
 def _given(option: str) -> bool:

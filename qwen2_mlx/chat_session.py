@@ -60,8 +60,8 @@ __all__ = ["ChatResponse", "ChatSession", "ChatSessionBusyError", "ChatStats"]
 # The key of a session's data in the metadata of its safetensors file.
 SESSION_KEY = "qwen2_mlx.chat_session"
 SESSION_FORMAT = 1
-# stream_generate arguments the session owns (the prompt, the cache and its format, cancel).
-_OWNED = {"model", "tokenizer", "prompt", "cache", "kv_bits", "cancel"}
+# stream_generate arguments the session owns (the prompt, the caches and their format, cancel).
+_OWNED = {"model", "tokenizer", "prompt", "cache", "kv_bits", "cancel", "draft_cache"}
 _REPLY_ROLES = ("user", "tool")
 DEFAULT_MAX_TOKENS = 256
 
@@ -144,8 +144,10 @@ class ChatSession:
             older exchanges are dropped to stay under it.
         kv_bits: keep the KV cache quantized to 8 or 4 bits.
         **defaults: generation options for every turn, as `stream_generate` takes them
-            (temperature, top_p, max_tokens, stop, seed, ...); a turn's keyword arguments
-            override them.
+            (temperature, top_p, max_tokens, stop, seed, response_format, draft_model,
+            num_draft_tokens, prompt_lookup, ...); a turn's keyword arguments override them.
+            With a `draft_model` the session keeps the draft's KV cache too, so each turn the
+            draft, like the model, prefills only the new tokens.
     """
 
     def __init__(self, model, tokenizer, system: str | None = None,
@@ -173,6 +175,7 @@ class ChatSession:
         self._lock = threading.Lock()
         self._busy: int | None = None  # the ident of the thread running a turn
         self._cancel = threading.Event()
+        self._draft: tuple[object, ModelCache] | None = None  # (draft model, its cache)
 
     # ------------------------------------------------------------------ the conversation
     @property
@@ -437,10 +440,11 @@ class ChatSession:
                                  "tool message (send a message, or regenerate())")
             ids, conversation, dropped, closing = self._fit(conversation, tools, max_tokens)
             cached = self._sync(ids)
+            draft_cache = self._sync_draft(options.get("draft_model"))
             room = self.context_budget - len(ids) - closing
             stream = stream_generate(self.model, self.tokenizer, ids[cached:], cache=self.cache,
                                      max_tokens=max(1, min(max_tokens, room)), tools=tools,
-                                     cancel=self._cancel, **options)
+                                     cancel=self._cancel, draft_cache=draft_cache, **options)
             kv_bytes = kv_cache_bytes_per_token(
                 self.model.config.num_hidden_layers, self.model.config.num_key_value_heads,
                 self.model.config.head_dim, self.kv_bits or 16) * (len(ids) + max_tokens)
@@ -495,6 +499,32 @@ class ChatSession:
         if keep < len(held):
             self.cache.trim(len(held) - keep)
         return keep
+
+    def _sync_draft(self, draft_model) -> ModelCache | None:
+        """The draft model's cache, made to hold what the session's cache holds (speculative
+        decoding needs that, or an empty draft cache): trimmed to their common prefix, then
+        fed the rest. Empty when the conversation fills more than half the draft's context
+        (the drafter then keeps a recent window itself)."""
+        if draft_model is None:
+            return None
+        if self._draft is None or self._draft[0] is not draft_model:
+            self._draft = (draft_model, draft_model.make_cache(kv_bits=self.kv_bits))
+        cache = self._draft[1]
+        target = self.cache.tokens
+        if len(target) > draft_model.config.context_length // 2:
+            cache.trim(cache.offset)
+            return cache
+        rows = draft_model.config.vocab_size
+        # Ids past the draft's rows (the target's padding rows) are shown to it as 0, as the
+        # drafter does: they only cost acceptance, never exactness.
+        shown = [t if t < rows else 0 for t in target]
+        keep = _common_prefix(cache.tokens, shown)
+        if keep < cache.offset:
+            cache.trim(cache.offset - keep)
+        if keep < len(shown):
+            prefill(draft_model, cache, mx.array(shown[keep:], dtype=mx.uint32),
+                    step_size=self.defaults.get("prefill_step_size", 512))
+        return cache
 
     def _finish_turn(self, pieces: list[GenerationResponse], dropped: int, cached: int) -> None:
         """Store the reply and make the cache hold exactly the rendered conversation."""

@@ -179,3 +179,16 @@ def test_multi_line_input(lines, expected):
             raise EOFError from None
 
     assert list(read_messages(False, read_line)) == expected
+
+
+def test_draft_model_gives_the_same_greedy_replies(tiny_checkpoint, checkpoint_factory):
+    base = ["chat", "-m", str(tiny_checkpoint), "--max-tokens", "8", "--temp", "0"]
+    lines = "Hi\nAnd then?\n"
+    plain = CliRunner().invoke(cli, base, input=lines)
+    draft = checkpoint_factory(seed=1)  # another random model with the same tokenizer
+    fast = CliRunner().invoke(cli, base + ["--draft-model", str(draft), "-v"], input=lines)
+    assert plain.exit_code == fast.exit_code == 0, fast.output
+    assert fast.stdout == plain.stdout
+    assert fast.stderr.count("Speculative: ") == 2
+    lookup = CliRunner().invoke(cli, base + ["--prompt-lookup", "2"], input=lines)
+    assert lookup.exit_code == 0 and lookup.stdout == plain.stdout

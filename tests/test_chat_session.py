@@ -487,3 +487,61 @@ def test_worker_thread_generates_while_the_main_thread_cancels(tiny_checkpoint):
     following = chat.messages + [{"role": "user", "content": "and?"}]
     assert chat.send("and?", max_tokens=8) == generate(model, tokenizer, following,
                                                          max_tokens=8)
+
+
+# --- speculative decoding and response formats, per session ------------------------------------
+
+
+class FedCounter:
+    """Wraps a draft model and counts the tokens fed through it."""
+
+    def __init__(self, model):
+        self.model, self.config, self.fed = model, model.config, 0
+
+    def make_cache(self, kv_bits=None):
+        return self.model.make_cache(kv_bits=kv_bits)
+
+    def forward(self, x, cache=None):
+        self.fed += x.shape[1]
+        return self.model.forward(x, cache=cache)
+
+    __call__ = forward
+
+
+@pytest.fixture
+def draft_model():
+    """Another random model over the same vocabulary: it often disagrees with `model`."""
+    mx.random.seed(1)
+    draft = Model(ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, vocab_size=151936,
+                              tie_word_embeddings=True, max_position_embeddings=4096))
+    mx.eval(draft.parameters())
+    return draft
+
+
+def test_a_draft_model_keeps_greedy_replies_and_prefills_only_new_tokens(model, tok,
+                                                                         draft_model):
+    plain = ChatSession(model, tok, max_tokens=12)
+    draft = FedCounter(draft_model)
+    fast = ChatSession(model, tok, max_tokens=12, draft_model=draft, num_draft_tokens=3)
+    for i, question in enumerate(QUESTIONS[:3]):
+        fed_before = draft.fed
+        reply = fast.send(question)
+        assert reply == plain.send(question)
+        assert fast.cache.tokens == rendered(fast, tok)
+        assert reply.response.speculative.target_passes < reply.response.generation_tokens + 1
+        if i:
+            # The draft's cache was kept: it was fed the turn's new prompt tokens and its
+            # drafts, far fewer than the whole conversation it would re-prefill otherwise.
+            assert draft.fed - fed_before < len(fast.cache.tokens) // 2
+
+
+def test_a_response_format_applies_per_session_and_per_turn(model, tok):
+    pytest.importorskip("llguidance")
+    chat = ChatSession(model, tok, max_tokens=60,
+                       response_format={"type": "regex", "pattern": "[0-9]{3}"})
+    reply = chat.send("A number?")
+    assert len(reply) == 3 and reply.isdigit()
+    free = chat.send("Anything.", response_format=None, max_tokens=8)
+    assert free.finish_reason in ("stop", "length")
+    assert chat.cache.tokens == rendered(chat, tok)
