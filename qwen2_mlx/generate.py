@@ -24,6 +24,7 @@ from qwen2_mlx.sampling import (
     make_sampler,
 )
 from qwen2_mlx.speculative import SpeculativeStats, check_draft_model, speculative_generate_step
+from qwen2_mlx.text_stream import stop_hold_back
 from qwen2_mlx.tools import ToolCall
 from qwen2_mlx.validation import TokenIdError, check_token_ids
 
@@ -243,17 +244,6 @@ def encode_prompt(tokenizer, prompt: Prompt, vocab_size: int | None = None,
                            f"messages: {e}") from None
 
 
-def _stop_hold_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could still begin a stop string."""
-    longest = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-k:]):
-                longest = k
-                break
-    return longest
-
-
 def stream_generate(
     model,
     tokenizer,
@@ -463,7 +453,7 @@ def _responses(steps, tokenizer, ids: list[int], stops: list[str], max_tokens: i
                 finish = "length"
             text, pending = pending, ""
         else:
-            keep = _stop_hold_back(pending, stops) if stops else 0
+            keep = stop_hold_back(pending, stops) if stops else 0
             text, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
         incomplete = False
         if constraint is not None:
