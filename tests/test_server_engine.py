@@ -315,20 +315,27 @@ def test_draft_model_greedy_equals_plain_and_generate(drafting, engine, referenc
     assert m.decode_steps - m.speculative_rounds <= len(ps)
 
 
-def test_draft_model_with_penalties_and_logit_bias_equals_plain(drafting, engine):
+def test_draft_model_with_penalties_and_logit_bias_equals_plain(checkpoint, drafting, engine):
     """Repetition, presence and frequency penalties and logit_bias are applied to every
-    drafted row with that row's own history, so greedy decoding stays exact."""
-    p = prompts((12,), seed=12)[0]
-    kwargs = dict(max_tokens=30, logprobs=0, presence_penalty=1.5, frequency_penalty=0.7,
-                  logit_bias={int(t): 3.0 for t in p[:4]})
-    out = []
-    for eng in (drafting, engine):
-        sampling = SamplingParams(temperature=0.0, repetition_penalty=1.3)
-        collector = Collector()
-        eng.submit(Job([p], 1, ChoiceSettings(sampling, **kwargs), collector))
-        out.append(wait(collector)[0])
-    assert token_ids(out[0]) == token_ids(out[1])
-    assert len(set(token_ids(out[0]))) > 20  # the penalties did change the output
+    drafted row with that row's own history, so greedy decoding stays exact (with the noisy
+    draft, and with a perfect one, whose long rounds use every drafted row)."""
+    perfect = make_draft_engine(checkpoint, lambda: load(checkpoint))
+    try:
+        for p in prompts((12, 4, 20), seed=12):
+            # Two strongly biased tokens repeat until the penalties (which count every
+            # earlier occurrence, drafted rows' included) outweigh their bias.
+            kwargs = dict(max_tokens=30, logprobs=0, presence_penalty=0.5,
+                          frequency_penalty=1.0, logit_bias={p[0]: 9.0, p[1]: 6.0})
+            out = []
+            for eng in (drafting, perfect, engine):
+                sampling = SamplingParams(temperature=0.0, repetition_penalty=1.2)
+                collector = Collector()
+                eng.submit(Job([p], 1, ChoiceSettings(sampling, **kwargs), collector))
+                out.append(wait(collector)[0])
+            assert token_ids(out[0]) == token_ids(out[1]) == token_ids(out[2])
+        assert perfect.metrics.speculative_accepted_tokens > 40
+    finally:
+        perfect.stop()
 
 
 def test_max_tokens_and_stop_strings_inside_a_round(drafting, engine):
@@ -387,20 +394,39 @@ def test_a_joining_request_switches_to_batched_decoding_and_both_stay_exact(draf
 
 
 def test_prefix_cache_gets_prompt_and_answer_after_a_round_cut_by_a_stop(
-        checkpoint, draft_loader, engine):
-    """A stop inside a round: the prefix cache stores exactly prompt + answer (the cache was
-    trimmed of the round's unused tokens), and the next turn, reusing it, is unchanged."""
-    cached = make_draft_engine(checkpoint, draft_loader, prompt_cache_bytes=1 << 24)
+        checkpoint, engine, reference):
+    """A stop string completed inside a round (a perfect draft: every round yields 5 tokens)
+    ends the answer there; the cache is trimmed of the round's unused tokens, so the prefix
+    cache stores exactly prompt + answer, and the next turn, reusing it, is unchanged."""
+    _, tokenizer = reference
+    cached = Engine(lambda: load(checkpoint), EngineSettings(
+        prefill_step_size=8, prompt_cache_bytes=1 << 24), load_draft=lambda: load(checkpoint))
+    cached.start()
     try:
         p, more = prompts((10, 7), seed=15)
-        full = wait(submit(engine, p, max_tokens=30, logprobs=0)[1])[0]
-        stop = full.text[0][7:10]
-        out = wait(submit(cached, p, max_tokens=30, stops=(stop,), logprobs=0)[1])[0]
-        answer = token_ids(out)
-        assert out.finish == ["stop"] and answer == token_ids(full)[:len(answer)]
-        entry = cached.prefix_cache.lookup(p + answer + [0], limit=1000).entry
-        assert list(entry.tokens) == p + answer[:-1]
-        assert state_positions(entry.state) == len(p) + len(answer) - 1
+        ids = token_ids(wait(submit(engine, p, max_tokens=30, logprobs=0)[1])[0])
+        cuts = []
+        for j in range(2, 25):
+            if j % 5 == 0:  # rounds give tokens 1-5, 6-10, ...: a cut ends none of them
+                continue
+            before, upto = tokenizer.decode(ids[:j]), tokenizer.decode(ids[:j + 1])
+            stop = upto[len(before):]
+            if not stop.strip() or "\ufffd" in stop or upto.find(stop) != len(before):
+                continue  # not a clean stop string first completed by token j
+            out = wait(submit(cached, p, max_tokens=30, stops=(stop,), logprobs=0)[1])[0]
+            assert out.finish == ["stop"] and token_ids(out) == ids[:j + 1]
+            assert out.text[0] == before and out.done.completion_tokens == j + 1
+            entry = cached.prefix_cache.lookup(p + ids[:j + 1], limit=1000).entry
+            assert list(entry.tokens) == p + ids[:j]
+            assert state_positions(entry.state) == len(p) + j
+            cuts.append(j)
+            if len(cuts) == 3:
+                break
+        assert len(cuts) == 3
+        # Drafted tokens after a cut are never sent, so not counted as accepted.
+        m = cached.metrics
+        assert 0 < m.speculative_accepted_tokens < m.speculative_drafted_tokens
+        answer = ids[:cuts[-1] + 1]  # the longest entry (it replaced the shorter ones)
         turn = p + answer + more
         again = wait(submit(cached, turn, max_tokens=12, logprobs=0)[1])[0]
         assert again.done.cached_tokens == len(p) + len(answer) - 1
@@ -438,42 +464,42 @@ def test_other_processors_decode_plainly_and_a_bad_draft_fails_at_start(
 
 def test_response_format_masks_drafted_rows_and_survives_batching(drafting, engine, reference):
     """A response format's matcher masks the drafted rows too (GrammarTokenMask over the
-    request's own matcher): greedy tokens equal plain decoding's, through speculative rounds,
-    then plain batched steps while another request joins, then rounds again."""
+    request's own matcher) and is left at the output after each round: greedy tokens equal
+    plain decoding's while short requests keep joining, so A goes from speculative rounds to
+    batched plain steps (the format's processor taking over the matcher) and back, 5 times."""
     structured = pytest.importorskip("qwen2_mlx.structured")
     pytest.importorskip("llguidance")
     model, tokenizer = reference
+    # Which tokens may come next depends on where the output stands.
     matcher = structured.make_grammar_matcher(
-        tokenizer, {"type": "regex", "pattern": "[a-k ]{20,200}"}, model.config.vocab_size)
+        tokenizer, {"type": "regex", "pattern": "(ab |cd |efg |hij )+"},
+        model.config.vocab_size)
 
     def fmt():
         return [structured.StructuredLogitsProcessor(matcher.fork())]
 
-    a_prompt, b_prompt = prompts((5, 12), seed=16)
+    a_prompt, b_prompt = prompts((5, 3), seed=16)
     sampling = SamplingParams(temperature=0.0)
+    no_eos = {509: -100.0, 511: -100.0}  # the tiny tokenizer's EOS ids
 
-    def run(eng, join: bool) -> tuple[Collector, Collector]:
-        a, b = Collector(), Collector()
+    def run(eng, joins: int) -> tuple[Collector, list[Collector]]:
+        a, bs = Collector(), []
 
-        def a_events(event):
+        def a_events(event):  # on the engine thread: a short B joins every 6 tokens
             a(event)
-            if join and len(a.logprobs[0]) == 6 and b.done is None and not b.times:
-                eng.submit(Job([b_prompt], 1, ChoiceSettings(sampling, max_tokens=6,
-                                                             logprobs=0), b))
-        no_eos = {509: -100.0, 511: -100.0}  # the tiny tokenizer's EOS ids
-        eng.submit(Job([a_prompt], 1, ChoiceSettings(sampling, max_tokens=40, logprobs=0,
+            if len(bs) < joins and len(a.logprobs[0]) >= 6 * (len(bs) + 1):
+                bs.append(Collector())
+                eng.submit(Job([b_prompt], 1, ChoiceSettings(sampling, max_tokens=2), bs[-1]))
+        eng.submit(Job([a_prompt], 1, ChoiceSettings(sampling, max_tokens=45, logprobs=0,
                                                      logit_bias=no_eos, make_processors=fmt),
                        a_events))
-        wait(a)
-        if join:
-            wait(b)
-        return a, b
+        wait(a, *bs)
+        return a, bs
 
     rounds = drafting.metrics.speculative_rounds
-    plain_a = run(engine, join=False)[0]
-    spec_a, spec_b = run(drafting, join=True)
-    assert token_ids(spec_a) == token_ids(plain_a)
-    assert set(spec_a.text[0]) <= set("abcdefghijk ") and len(token_ids(spec_a)) == 40
-    assert token_ids(spec_b) == token_ids(wait(submit(engine, b_prompt, max_tokens=6,
-                                                      logprobs=0)[1])[0])
+    plain_a, _ = run(engine, joins=0)
+    spec_a, bs = run(drafting, joins=5)
+    assert token_ids(spec_a) == token_ids(plain_a) and len(token_ids(spec_a)) == 45
+    assert spec_a.text[0].startswith(("ab ", "cd ", "efg ", "hij "))
+    assert len(bs) == 5 and all(b.finish == ["length"] for b in bs)
     assert drafting.metrics.speculative_rounds > rounds
