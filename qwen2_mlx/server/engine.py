@@ -207,6 +207,9 @@ class Engine:
         self._thread.start()
         self._ready.wait()
         if self._load_error is not None:
+            # Let the thread clear its MLX streams before the caller may exit the process
+            # (an exit racing that aborts: "terminate called without an active exception").
+            self._thread.join()
             raise self._load_error
 
     def submit(self, job: Job) -> None:
@@ -288,6 +291,8 @@ class Engine:
             if self._load_draft is not None:
                 self.draft_model = self._loaded_draft()
         except BaseException as e:  # reported by start() in the caller's thread
+            # Nothing of this thread's MLX work may outlive its streams (cleared as it ends):
+            # drop the models and the tracebacks' frames, which hold arrays of a failed load.
             self._load_error = e
             self._ready.set()
             return
