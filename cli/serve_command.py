@@ -75,6 +75,13 @@ class ByteSize(click.ParamType):
               help="A LoRA adapter directory to apply (only from the command line).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Cast weights to this dtype (default: as stored).")
+@click.option("--draft-model", default=None,
+              help="Speculative decoding while one request decodes alone: a small model with "
+                   "the same tokenizer drafts tokens the model checks (directory or Hub repo "
+                   "id, loaded at start; same --dtype). Same output distribution; batches "
+                   "decode as without it.")
+@click.option("--num-draft-tokens", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Most tokens drafted per round (adapted down when few are accepted).")
 @click.option("--dca", is_flag=True, help="Dual Chunk Attention (decodes one sequence at a "
                                           "time: DCA is not batched).")
 @click.option("--yarn-factor", type=float, default=None,
@@ -84,8 +91,8 @@ class ByteSize(click.ParamType):
                                                          "each request).")
 def serve_command(model, model_id, host, port, api_key, cors_origins, max_batch_size, max_queue,
                   prefill_step_size, prompt_cache_bytes, kv_bits, max_tokens, max_body_bytes,
-                  keepalive, shutdown_timeout, max_connections, adapter_path, dtype, dca,
-                  yarn_factor, log_level) -> None:
+                  keepalive, shutdown_timeout, max_connections, adapter_path, dtype,
+                  draft_model, num_draft_tokens, dca, yarn_factor, log_level) -> None:
     """Serve a model over the OpenAI API (chat and text completions, streaming, tools).
 
     Binds 127.0.0.1 by default; give --api-key (or $QWEN2_MLX_API_KEY) before any other
@@ -99,6 +106,7 @@ def serve_command(model, model_id, host, port, api_key, cors_origins, max_batch_
       qwen2-mlx serve -m ./qwen2-7b-4bit --model-id qwen2-7b --kv-bits 8 --port 8000
       QWEN2_MLX_API_KEY=secret qwen2-mlx serve -m ./qwen2-7b --host 0.0.0.0
       qwen2-mlx serve -m ./qwen2-1.5b --cors-origin http://localhost:3000
+      qwen2-mlx serve -m Qwen/Qwen2-7B-Instruct --draft-model Qwen/Qwen2-0.5B-Instruct
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"messages": [{"role": "user", "content": "Hi"}]}'
     """
@@ -123,15 +131,22 @@ def serve_command(model, model_id, host, port, api_key, cors_origins, max_batch_
     settings = EngineSettings(max_batch_size=max_batch_size, max_queue=max_queue,
                               prefill_step_size=prefill_step_size,
                               prompt_cache_bytes=prompt_cache_bytes,
-                              kv_bits=int(kv_bits) if kv_bits else None)
+                              kv_bits=int(kv_bits) if kv_bits else None,
+                              num_draft_tokens=num_draft_tokens)
 
     def load_model():
         return load(model, dtype=dtype, adapter_path=adapter_path, dca=dca,
                     yarn_factor=yarn_factor)
 
-    click.echo(f"Loading {model} ...", err=True)
+    def load_draft():
+        try:
+            return load(draft_model, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"draft model: {error_line(e)}") from e
+
+    click.echo(f"Loading {model}{f' and {draft_model}' if draft_model else ''} ...", err=True)
     tic = time.perf_counter()
-    engine = Engine(load_model, settings)
+    engine = Engine(load_model, settings, load_draft=load_draft if draft_model else None)
     try:
         engine.start()
     except (OSError, ValueError) as e:

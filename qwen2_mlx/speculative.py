@@ -49,7 +49,10 @@ from qwen2_mlx.sampling import (
 
 __all__ = [
     "DraftLength",
+    "ModelDrafter",
     "PromptLookup",
+    "SpeculativeDecoder",
+    "SpeculativeRound",
     "SpeculativeStats",
     "TokenMask",
     "acceptance_probability",
@@ -198,12 +201,19 @@ class _Processing:
     repetition penalty and the token mask see exactly that history, as in plain decoding.
     Logits of another width (a draft model's padding rows) are cut or padded with -inf to
     the target's vocabulary, so p and q share one index space.
+
+    `processors` are further logits processors ``(tokens, logits) -> logits`` (the server's
+    presence/frequency penalties and logit_bias), applied after the repetition penalty and
+    before the token mask, row by row with that row's whole history (1-D): they must be
+    pure functions of (history, logits), since rows of rejected drafts are processed too.
     """
 
-    def __init__(self, sampling: SamplingParams, vocab: int, token_mask: TokenMask | None):
+    def __init__(self, sampling: SamplingParams, vocab: int, token_mask: TokenMask | None,
+                 processors: Sequence[Callable] = ()):
         self.sampling = sampling
         self.vocab = vocab
         self.processors = make_logits_processors(sampling)
+        self.row_processors = list(processors)
         self.token_mask = token_mask
         # Compiled as make_sampler compiles it: a pure function of the logits.
         self._filter = mx.compile(lambda x: filter_logits(x, sampling))
@@ -224,6 +234,8 @@ class _Processing:
         if self.processors:
             x = apply_logits_processors(
                 self.processors, self._history(tokens, drafted, first, rows), x)
+        if self.row_processors:
+            x = self._per_row(x, tokens, drafted, first, rows)
         if self.token_mask is not None:
             x = mx.where(self._masks(tokens, drafted_ids or [], first, rows), x, -mx.inf)
         logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
@@ -238,6 +250,16 @@ class _Processing:
             pad = mx.full((x.shape[0], self.vocab - width), -mx.inf, dtype=x.dtype)
             return mx.concatenate([x, pad], axis=-1)
         return x
+
+    def _per_row(self, x, tokens, drafted, first, rows) -> mx.array:
+        base = mx.array(tokens, dtype=mx.int32)
+        out = []
+        for r in range(rows):
+            used = first + r
+            history = base if used == 0 else mx.concatenate(
+                [base, drafted[:used].astype(mx.int32)])
+            out.append(apply_logits_processors(self.row_processors, history, x[r:r + 1]))
+        return out[0] if rows == 1 else mx.concatenate(out)
 
     def _history(self, tokens, drafted, first, rows) -> mx.array:
         # Row r: the last context tokens + drafted[:first + r]. Rows are left-padded with -1
@@ -333,7 +355,7 @@ class PromptLookup:
         return []
 
 
-class _ModelDrafter:
+class ModelDrafter:
     """A draft model with its own cache, holding `tokens[start:]` (within its context).
 
     The draft sees the target's token history, but only as much as fits its own context
@@ -343,8 +365,8 @@ class _ModelDrafter:
     depend on it.
     """
 
-    def __init__(self, model, cache: list[KVCache], tokens: list[int], *, held: int, base: int,
-                 max_draft: int, prefill_step_size: int, room: int):
+    def __init__(self, model, cache: list[KVCache], tokens: list[int], *, held: int = 0,
+                 base: int = 0, max_draft: int, prefill_step_size: int = 512, room: int = 0):
         self.model = model
         self.cache = cache  # holds `base` positions of unknown ids, then tokens[start:][:held]
         self.rows = model.config.vocab_size
@@ -486,6 +508,77 @@ class _Keys:
         return [keys[i] for i in range(1, n + 1)]
 
 
+@dataclass
+class SpeculativeRound:
+    """What one round produced: `tokens` (the accepted drafted tokens, then the target's
+    own), `logprobs` (one row per token: log-softmax after the processors, as plain decoding
+    reports them), `accepted` (how many of `tokens` were drafted) and `drafted` (k)."""
+
+    tokens: list[int]
+    logprobs: mx.array
+    accepted: int
+    drafted: int
+
+
+class SpeculativeDecoder:
+    """Speculative decoding one round at a time: draft k tokens, verify them in one target
+    pass, return the tokens that come out (`round`). `speculative_generate_step` runs its
+    rounds in a loop; the server's engine runs one round per step of a lone sequence.
+
+    `drafter` is a `ModelDrafter` or a `PromptLookup`; `processors` are extra per-row
+    logits processors (see `_Processing`), `token_mask` the structured-output hook. The
+    draws come from a private key stream seeded with `sampling.seed` (or MLX's global one).
+    """
+
+    def __init__(self, model, *, sampling: SamplingParams, drafter: ModelDrafter | PromptLookup,
+                 num_draft_tokens: int = 4, adaptive: bool = True,
+                 token_mask: TokenMask | None = None, processors: Sequence[Callable] = (),
+                 stats: SpeculativeStats | None = None):
+        self.model = model
+        self.sampling = sampling
+        self.drafter = drafter
+        self.vocab = model.config.vocab_size
+        self.processing = _Processing(sampling, self.vocab, token_mask, processors)
+        self.keys = _Keys(sampling.seed)
+        self.length = DraftLength(num_draft_tokens, adaptive)
+        self.stats = stats if stats is not None else SpeculativeStats()
+
+    def round(self, cache: list[KVCache], tokens: list[int], limit: int) -> SpeculativeRound:
+        """One round after `tokens` (the whole history), `cache` holding all of it but the
+        last token; at most `limit` (>= 1) tokens come out. Afterwards `cache` holds the
+        history plus the round's tokens but the last one (the next round's first input),
+        and the draft cache a prefix of that. `stats.drafted` and `.target_passes` are
+        counted here, `.accepted` and `.generated` by the caller as it uses the tokens."""
+        k = min(self.length.k, limit - 1)
+        round_keys = self.keys.take(k + 1)
+        if isinstance(self.drafter, PromptLookup):
+            drafted_ids = self.drafter.propose(tokens, k)
+            drafted = mx.array(drafted_ids, dtype=mx.uint32)
+            q = (mx.arange(self.vocab)[None] == drafted[:, None]).astype(mx.float32)
+        else:
+            drafted, q, drafted_ids = self.drafter.propose(tokens, k, self.processing,
+                                                           round_keys[:k])
+        k = drafted.size
+        if self.processing.token_mask is not None and len(drafted_ids) < k:
+            drafted_ids = drafted.tolist()
+        x = mx.concatenate([mx.array(tokens[-1:], dtype=mx.uint32), drafted.astype(mx.uint32)])
+        logits = _forward(self.model, x, cache)
+        logprobs, scores = self.processing(logits, tokens, drafted, drafted_ids)
+        accepted, token = _verify(self.sampling, scores, q, drafted, round_keys[k])
+        mx.eval(accepted, token, drafted)  # the round's one host sync
+        accepted = accepted.item()
+        new = drafted.tolist()[:accepted] + [token.item()]
+
+        # Keep the accepted tokens in both caches: target held tokens + drafted.
+        _trim(cache, k - accepted)
+        if isinstance(self.drafter, ModelDrafter):
+            self.drafter.rewind(len(tokens), accepted, k)
+        self.length.update(k, accepted)
+        self.stats.drafted += k
+        self.stats.target_passes += 1
+        return SpeculativeRound(new, logprobs, accepted, k)
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model,
@@ -538,10 +631,6 @@ def speculative_generate_step(
     known = _cached_tokens(cache)
     tokens = known + [int(t) for t in prompt.tolist()]
     base = cache[0].offset - len(known)  # cached positions whose ids are unknown
-    vocab = model.config.vocab_size
-    processing = _Processing(sampling, vocab, token_mask)
-    keys = _Keys(sampling.seed)
-    length = DraftLength(num_draft_tokens, adaptive)
 
     room = max_tokens + num_draft_tokens
     if draft_model is not None:
@@ -563,10 +652,14 @@ def speculative_generate_step(
     draft_start = draft_cache[0].offset if draft_model is not None else 0
     if draft_model is not None:
         shared = draft_cache[0].offset > 0  # the same prefix as the target's cache
-        drafter = _ModelDrafter(draft_model, draft_cache, tokens,
-                                held=len(known) if shared else 0, base=base if shared else 0,
-                                max_draft=num_draft_tokens, prefill_step_size=prefill_step_size,
-                                room=room)
+        drafter = ModelDrafter(draft_model, draft_cache, tokens,
+                               held=len(known) if shared else 0, base=base if shared else 0,
+                               max_draft=num_draft_tokens, prefill_step_size=prefill_step_size,
+                               room=room)
+    decoder = SpeculativeDecoder(model, sampling=sampling,
+                                 drafter=drafter or lookup,
+                                 num_draft_tokens=num_draft_tokens, adaptive=adaptive,
+                                 token_mask=token_mask, stats=stats)
 
     def abandon() -> None:
         # Both caches back to what they held before this call.
@@ -595,32 +688,8 @@ def speculative_generate_step(
         while n < max_tokens:
             if cancel is not None and cancel.is_set():
                 return
-            k = min(length.k, max_tokens - n - 1)
-            round_keys = keys.take(k + 1)
-            if drafter is not None:
-                drafted, q, drafted_ids = drafter.propose(tokens, k, processing, round_keys[:k])
-            else:
-                drafted_ids = lookup.propose(tokens, k)
-                drafted = mx.array(drafted_ids, dtype=mx.uint32)
-                q = (mx.arange(vocab)[None] == drafted[:, None]).astype(mx.float32)
-            k = drafted.size
-            if token_mask is not None and len(drafted_ids) < k:
-                drafted_ids = drafted.tolist()
-            x = mx.concatenate([mx.array(tokens[-1:], dtype=mx.uint32), drafted.astype(mx.uint32)])
-            logits = _forward(model, x, cache)
-            logprobs, scores = processing(logits, tokens, drafted, drafted_ids)
-            accepted, token = _verify(sampling, scores, q, drafted, round_keys[k])
-            mx.eval(accepted, token, drafted)  # the round's one host sync
-            accepted = accepted.item()
-            new = drafted.tolist()[:accepted] + [token.item()]
-
-            # Keep the accepted tokens in both caches: target held tokens + drafted.
-            _trim(cache, k - accepted)
-            if drafter is not None:
-                drafter.rewind(len(tokens), accepted, k)
-            length.update(k, accepted)
-            stats.drafted += k
-            stats.target_passes += 1
+            step = decoder.round(cache, tokens, max_tokens - n)
+            new, logprobs, accepted = step.tokens, step.logprobs, step.accepted
             for i, t in enumerate(new):
                 tokens.append(t)
                 n += 1

@@ -22,6 +22,13 @@ logits processors, stop strings and limits.
 
 A finished sequence's keys and values (prompt and answer) go to the prefix cache, so the next
 turn of a conversation prefills only what is new.
+
+With a draft model (`load_draft`, `qwen2-mlx serve --draft-model`), a sequence decoding alone
+(exactly one active, no prompt waiting to be prefilled) runs speculative rounds instead of
+single steps (`speculative.SpeculativeDecoder`: draft k, verify in one target pass, keep the
+accepted tokens, which have exactly the plain distribution); its cache always holds prompt +
+generated[:-1], so when another sequence joins it enters the batch as it would have without
+the draft. Its draft cache stays with it and catches up when it is alone again.
 """
 
 from __future__ import annotations
@@ -49,6 +56,13 @@ from qwen2_mlx.sampling import (
 )
 from qwen2_mlx.server.jobs import ChoiceEvent, Job, JobDone, JobError, TokenLogprob
 from qwen2_mlx.server.metrics import Metrics
+from qwen2_mlx.speculative import (
+    ModelDrafter,
+    SpeculativeDecoder,
+    SpeculativeRound,
+    check_draft_model,
+    check_draft_tokenizer,
+)
 from qwen2_mlx.text_stream import TextDelta, TextStream
 
 
@@ -73,6 +87,7 @@ class EngineSettings:
     prefill_step_size: prompt tokens per prefill forward pass.
     prompt_cache_bytes: byte budget of the prefix cache (0 turns it off).
     kv_bits: store KV caches 8- (or 4-) bit quantized; None keeps the model's dtype.
+    num_draft_tokens: most tokens a draft model proposes per round (when there is one).
     """
 
     max_batch_size: int = 8
@@ -80,6 +95,7 @@ class EngineSettings:
     prefill_step_size: int = 512
     prompt_cache_bytes: int = 1 << 30
     kv_bits: int | None = None
+    num_draft_tokens: int = 4
 
 
 class _Prompt:
@@ -108,15 +124,21 @@ class _Sequence:
         sampling = s.sampling
         if job.choice_seed(choice) != sampling.seed:
             sampling = dataclasses.replace(sampling, seed=job.choice_seed(choice))
+        self.sampling = sampling
         self.sample = make_sampler(sampling)
-        self.processors = make_logits_processors(sampling)
+        # Pure functions of (history, logits): a speculative round applies them to drafted
+        # rows as well.
+        self.row_processors = []
         if s.presence_penalty or s.frequency_penalty:
-            self.processors.append(presence_frequency_penalty(
+            self.row_processors.append(presence_frequency_penalty(
                 s.presence_penalty, s.frequency_penalty, len(prompt)))
         if s.logit_bias:
-            self.processors.append(logit_bias(s.logit_bias, vocab_size))
-        if s.make_processors is not None:
-            self.processors.extend(s.make_processors())
+            self.row_processors.append(logit_bias(s.logit_bias, vocab_size))
+        extra = s.make_processors() if s.make_processors is not None else []
+        self.processors = make_logits_processors(sampling) + self.row_processors + extra
+        self.speculator: SpeculativeDecoder | None = None  # made when it first decodes alone
+        self.grammar = None  # the response format's matcher, when speculative rounds may run
+        self.speculative = _speculative_extra(extra, self)
         self.stream = TextStream(tokenizer, prompt, stops=s.stops,
                                  tools=s.tools, prefix=s.tool_prefix)
         self.last_token_time = 0.0
@@ -129,6 +151,22 @@ class _Sequence:
         return mx.array(self.prompt + self.generated, dtype=mx.int32)
 
 
+def _speculative_extra(extra: list, seq: _Sequence) -> bool:
+    """Whether `seq` may decode in speculative rounds given its extra processors: none, or
+    a response format's `StructuredLogitsProcessor` (its matcher then masks drafted rows
+    through `GrammarTokenMask`, which moves it back and forth). Any other processor (an
+    embedding application's, a test's) may keep state between calls or depend on being
+    called once per token, so its sequences decode plainly."""
+    if not extra:
+        return True
+    structured = sys.modules.get("qwen2_mlx.structured")
+    if structured is None or len(extra) != 1 \
+            or type(extra[0]) is not structured.StructuredLogitsProcessor:
+        return False
+    seq.grammar = extra[0].matcher
+    return True
+
+
 class Engine:
     """Owns the model and runs generation on its own thread (see the module docstring).
 
@@ -139,10 +177,12 @@ class Engine:
     """
 
     def __init__(self, load: Callable[[], tuple[object, object]], settings: EngineSettings,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 load_draft: Callable[[], tuple[object, object]] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._load = load
+        self._load_draft = load_draft
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _queued and the shutdown flags
         self._queued = 0  # jobs submitted and not yet started
@@ -158,7 +198,7 @@ class Engine:
         self._active: list[_Sequence] = []
         self._batch: BatchCache | None = None
         self._steps = 0
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.draft_model = None
         self.prefix_cache = PrefixCache(settings.prompt_cache_bytes)
 
     # ------------------------------------------------------------------ any thread
@@ -167,6 +207,9 @@ class Engine:
         self._thread.start()
         self._ready.wait()
         if self._load_error is not None:
+            # Let the thread clear its MLX streams before the caller may exit the process
+            # (an exit racing that aborts: "terminate called without an active exception").
+            self._thread.join()
             raise self._load_error
 
     def submit(self, job: Job) -> None:
@@ -245,7 +288,11 @@ class Engine:
             self._kv_group = getattr(cache[0], "group_size", 64)
             self._batched = self.model.layers[0].self_attn.mode == "standard"
             self._use_prefix_cache = self._batched and self.settings.prompt_cache_bytes > 0
+            if self._load_draft is not None:
+                self.draft_model = self._loaded_draft()
         except BaseException as e:  # reported by start() in the caller's thread
+            # Nothing of this thread's MLX work may outlive its streams (cleared as it ends):
+            # drop the models and the tracebacks' frames, which hold arrays of a failed load.
             self._load_error = e
             self._ready.set()
             return
@@ -259,6 +306,19 @@ class Engine:
             except Exception as e:  # a failed step fails its jobs, never the server
                 traceback.print_exc(file=sys.stderr)
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+
+    def _loaded_draft(self):
+        """Load the draft model and check it drafts for this model (ValueError otherwise)."""
+        if not self._batched:
+            raise ValueError("draft model: speculative decoding in the server needs a model "
+                             "with standard attention (not --dca)")
+        draft, draft_tokenizer = self._load_draft()
+        try:
+            check_draft_tokenizer(self.tokenizer, draft_tokenizer)
+            check_draft_model(self.model, draft, self.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"draft model: {e}") from None
+        return draft
 
     def _has_work(self) -> bool:
         return bool(self._active or self._prompts or self._waiting)
@@ -381,10 +441,11 @@ class Engine:
         """One token for every active sequence: a (B, 1) forward pass over the batch, or,
         for a lone sequence, over its own cache exactly as `generate` decodes.
 
-        The lone path is the seam for speculative decoding (`--draft-model`, issue 15): the
-        rule to build there is "draft only while one sequence is active and nothing waits
-        to be prefilled"; when another sequence joins, the lone cache (trimmed to prompt +
-        generated[:-1]) joins the batch as it does now and the draft cache is dropped."""
+        With a draft model, a lone sequence runs a speculative round instead
+        (`_speculative_step`)."""
+        if self._speculates():
+            self._speculative_step(self._active[0])
+            return
         inputs = mx.array([[seq.next_input] for seq in self._active])
         if self._batch is None:
             logits = self.model.forward(inputs, cache=self._active[0].cache)
@@ -407,6 +468,94 @@ class Engine:
                 self._remember(seq, row=r)
             self._emit(seq, event)
         self._keep(keep)
+
+    # --- speculative decoding (a lone sequence, with a draft model)
+    def _speculates(self) -> bool:
+        """Draft only while exactly one sequence decodes and no prompt waits to be prefilled
+        (a job that cannot start for lack of room does not count), for a sequence whose
+        processors allow it, when at least two more tokens may come."""
+        if self.draft_model is None or self._batch is not None or len(self._active) != 1 \
+                or self._prompts:
+            return False
+        seq = self._active[0]
+        return seq.speculative and self._tokens_left(seq) >= 2
+
+    def _tokens_left(self, seq: _Sequence) -> int:
+        """Tokens `seq` may still generate before max_tokens or the context end."""
+        return min(seq.job.settings.max_tokens - len(seq.generated),
+                   self.model.config.context_length - len(seq.prompt) - len(seq.generated))
+
+    def _speculator(self, seq: _Sequence) -> SpeculativeDecoder:
+        """The sequence's drafter (the draft model prefilled with its history) and rounds."""
+        tokens = seq.prompt + seq.generated
+        k = self.settings.num_draft_tokens
+        drafter = ModelDrafter(self.draft_model, self.draft_model.make_cache(), tokens,
+                               max_draft=k, prefill_step_size=self.settings.prefill_step_size,
+                               room=self._tokens_left(seq) + k)
+        mask = None
+        if seq.grammar is not None:
+            from qwen2_mlx.structured import GrammarTokenMask
+
+            mask = GrammarTokenMask(seq.grammar, len(seq.prompt))
+        return SpeculativeDecoder(self.model, sampling=seq.sampling, drafter=drafter,
+                                  num_draft_tokens=k, token_mask=mask,
+                                  processors=seq.row_processors)
+
+    def _speculative_step(self, seq: _Sequence) -> None:
+        """One speculative round for the lone `seq`: its tokens are accepted one by one, as
+        if decoded one per step; the first that ends the sequence (EOS, stop, limit) is its
+        last, and the cache is trimmed to prompt + generated[:-1] before anything else."""
+        if seq.speculator is None:
+            seq.speculator = self._speculator(seq)
+        spec = seq.speculator
+        rnd = spec.round(seq.cache, seq.prompt + seq.generated, self._tokens_left(seq))
+        self.metrics.decode_steps += 1
+        self.metrics.decode_rows += 1
+        self.metrics.speculative_rounds += 1
+        self.metrics.speculative_drafted_tokens += rnd.drafted
+        self._steps += 1
+        if self._steps % 256 == 0:
+            mx.clear_cache()
+        logprobs = self._round_logprobs(seq, rnd)
+        last = len(rnd.tokens) - 1
+        for i, (token, logprob) in enumerate(zip(rnd.tokens, logprobs, strict=True)):
+            event = self._accept(seq, token, logprob)
+            self.metrics.speculative_accepted_tokens += i < rnd.accepted
+            stop = event.finish_reason is not None or seq.job.cancelled
+            if stop and i < last:
+                seq.cache.trim(last - i)  # the unused tokens of the round
+            if event.finish_reason is not None:
+                self._remember(seq, row=0)
+                self._emit(seq, event)
+                self._keep([])
+                return
+            self._emit(seq, event)
+            if stop:
+                break
+        if spec.processing.token_mask is not None:
+            # Leave the matcher at the output, where the plain path's processor expects it.
+            spec.processing.token_mask.sync(seq.generated)
+
+    def _round_logprobs(self, seq: _Sequence, rnd: SpeculativeRound
+                        ) -> list[TokenLogprob | None]:
+        """The round's tokens' log-probabilities (and top k), as `_sample` reports them."""
+        k = seq.job.settings.logprobs
+        if k is None:
+            return [None] * len(rnd.tokens)
+        rows = rnd.logprobs[:len(rnd.tokens)]
+        chosen = mx.take_along_axis(rows, mx.array(rnd.tokens)[:, None], axis=-1)[:, 0]
+        if k:
+            top = mx.argpartition(-rows, k - 1, axis=-1)[:, :k]
+        else:
+            top = mx.zeros((rows.shape[0], 0), dtype=mx.int32)
+        top_logprobs = mx.take_along_axis(rows, top, axis=-1)
+        mx.eval(chosen, top, top_logprobs)
+        out = []
+        for token, value, ids, values in zip(rnd.tokens, chosen.tolist(), top.tolist(),
+                                             top_logprobs.tolist(), strict=True):
+            pairs = sorted(zip(ids, values, strict=True), key=lambda pair: -pair[1])
+            out.append(TokenLogprob(token, value, pairs))
+        return out
 
     def _sample(self, sequences: list[_Sequence], logits: mx.array
                 ) -> list[tuple[int, TokenLogprob | None]]:

@@ -55,6 +55,9 @@ class Metrics:
         self.decode_rows = 0
         self.prompt_cache_lookups = 0
         self.cancelled_sequences = 0
+        self.speculative_rounds = 0
+        self.speculative_drafted_tokens = 0
+        self.speculative_accepted_tokens = 0
         self.ttft = Histogram()
         self.itl = Histogram()
         self.queue_wait = Histogram()
@@ -96,6 +99,13 @@ class Metrics:
              "Prompt tokens reused from the prefix cache."),
             ("cancelled_sequences_total", self.cancelled_sequences,
              "Sequences dropped because their client went away."),
+            ("speculative_rounds_total", self.speculative_rounds,
+             "Speculative rounds (--draft-model): one target pass each, also counted in "
+             "decode_steps_total."),
+            ("speculative_drafted_tokens_total", self.speculative_drafted_tokens,
+             "Tokens proposed by the draft model."),
+            ("speculative_accepted_tokens_total", self.speculative_accepted_tokens,
+             "Drafted tokens accepted and sent (accepted / drafted = acceptance rate)."),
         ):
             metric(name, "counter", text, [f"{name} {value}"])
         for name, (text, value) in gauges().items():
