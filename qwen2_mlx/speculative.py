@@ -661,18 +661,13 @@ def speculative_generate_step(
                                  num_draft_tokens=num_draft_tokens, adaptive=adaptive,
                                  token_mask=token_mask, stats=stats)
 
-    def abandon() -> None:
-        # Both caches back to what they held before this call.
-        nonlocal drafter
-        _trim(cache, cache[0].offset - start)
-        if drafter is not None:
-            _trim(draft_cache, draft_cache[0].offset - draft_start)
-            drafter = None
-
     def settle() -> None:
-        # The invariant: the cache holds exactly the prompt + every yielded token.
-        if n == 0:  # cancelled or failed before the first token: as it was
-            abandon()
+        # The invariant: the cache holds exactly the prompt + every yielded token; cancelled
+        # or failed before the first token, both caches hold what they held before.
+        if n == 0:
+            _trim(cache, cache[0].offset - start)
+            if drafter is not None:
+                _trim(draft_cache, draft_cache[0].offset - draft_start)
             return
         held = cache[0].offset - base
         if held > len(tokens):
