@@ -53,6 +53,7 @@ from qwen2_mlx.generate import (
     stream_generate,
 )
 from qwen2_mlx.memory import wired_limit
+from qwen2_mlx.speculative import draft_view
 from qwen2_mlx.validation import check_token_ids
 
 __all__ = ["ChatResponse", "ChatSession", "ChatSessionBusyError", "ChatStats"]
@@ -514,10 +515,7 @@ class ChatSession:
         if len(target) > draft_model.config.context_length // 2:
             cache.trim(cache.offset)
             return cache
-        rows = draft_model.config.vocab_size
-        # Ids past the draft's rows (the target's padding rows) are shown to it as 0, as the
-        # drafter does: they only cost acceptance, never exactness.
-        shown = [t if t < rows else 0 for t in target]
+        shown = draft_view(target, draft_model.config.vocab_size)  # as the drafter shows them
         keep = _common_prefix(cache.tokens, shown)
         if keep < cache.offset:
             cache.trim(cache.offset - keep)

@@ -355,6 +355,13 @@ class PromptLookup:
         return []
 
 
+def draft_view(ids: Sequence[int], rows: int) -> list[int]:
+    """`ids` as a draft with `rows` embedding rows is shown them: a target padding-row id the
+    draft lacks becomes 0. The draft only proposes, so this can cost acceptance, never
+    exactness."""
+    return [t if t < rows else 0 for t in ids]
+
+
 class ModelDrafter:
     """A draft model with its own cache, holding `tokens[start:]` (within its context).
 
@@ -381,9 +388,7 @@ class ModelDrafter:
             self._prefill(tokens, room)
 
     def _ids(self, ids: Sequence[int]) -> mx.array:
-        # A target padding-row id the draft's embedding lacks is shown to it as id 0: the
-        # draft only proposes, so this can cost acceptance, never exactness.
-        return mx.array([t if t < self.rows else 0 for t in ids], dtype=mx.uint32)
+        return mx.array(draft_view(ids, self.rows), dtype=mx.uint32)
 
     def _prefill(self, tokens: list[int], room: int = 0) -> None:
         # Feeds all of tokens[start + held:] but the last, which the first draft step feeds.
